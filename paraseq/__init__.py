@@ -2,5 +2,6 @@
 
 from ._version import __version__
 from .scan import linear_scan
+from .solve import ConvergenceError, SolveInfo, solve_recurrence
 
-__all__ = ["__version__", "linear_scan"]
+__all__ = ["ConvergenceError", "SolveInfo", "__version__", "linear_scan", "solve_recurrence"]

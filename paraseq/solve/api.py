@@ -1,0 +1,421 @@
+"""``solve_recurrence``: h_t = cell(x_t, h_{t-1}) for t = 1..T, in parallel over T.
+
+Shape letters: ``...`` the caller's batch dims, B their product, T time, n input size,
+D state size (summed over the tensors of a tuple state).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..scan import linear_scan
+from .cell import FlatCell, State, StateLayout
+from .iterate import (
+    LoopResult,
+    evaluate,
+    first_failure,
+    residual_map,
+    run,
+    sequential,
+    shift,
+)
+from .methods import JACOBIANS, METHODS, Method, resolve_jacobian
+
+ON_FAILURE = ("fallback", "raise", "warn")
+GRADS = ("implicit", "unrolled")
+
+DENSE_MEMORY_LIMIT = 1 << 30
+"""Bytes the dense Jacobians of one solve may take (newton, damped_newton and the implicit
+backward of every method). Longer problems are solved in consecutive time chunks, each chunk
+starting from the state the previous one ended in; the result is the same, with less
+parallelism. Change it with ``paraseq.solve.api.DENSE_MEMORY_LIMIT = ...``."""
+
+DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2,
+               torch.float16: 2e-3}
+"""Default tolerance on the scaled residual max |h_t - f(x_t, h_{t-1})| / (1 + |f|), by the
+dtype of the inputs: about 1e5 float64 ulps, 1e2 float32 ulps, a few bfloat16/float16 ulps."""
+
+DEFAULT_MAX_ITER = {"newton": 50, "damped_newton": 100, "quasi_newton": 200, "picard": 200,
+                    "jacobi": 200}
+"""Default iteration caps (never more than T, which suffices for newton and jacobi)."""
+
+_RESTARTS = 3
+
+
+class ConvergenceError(RuntimeError):
+    """A parallel solve stopped before its residual was under tolerance (on_failure="raise")."""
+
+    def __init__(self, message: str, iterations: int, residual: float, info: SolveInfo):
+        super().__init__(message)
+        self.iterations = iterations
+        self.residual = residual
+        self.info = info
+
+
+@dataclass
+class SolveInfo:
+    """What a solve did. ``residuals`` holds the scaled residual before each linear solve and
+    after the last (so ``len(residuals) == iterations + 1`` for one uninterrupted solve)."""
+
+    method: str
+    iterations: int = 0
+    converged: bool = False
+    residual: float = math.nan
+    fell_back: bool = False
+    fallback_from: int | None = None
+    restarts: int = 0
+    jacobian: str | None = None
+    tol: float = math.nan
+    time_chunks: int = 1
+    residuals: list[float] = field(default_factory=list)
+
+
+def choose_method(T: int, D: int, fc: FlatCell, device: torch.device) -> str:
+    """The rule behind ``method="auto"``.
+
+    - T <= 64: ``"sequential"``: a few dozen steps cost less than a few Newton iterations.
+    - D <= 16, or a cell that provides its full analytic Jacobian: ``"newton"``: fewest
+      iterations, and the dense scan is cheap at this size.
+    - otherwise ``"quasi_newton"``: an elementwise scan, O(T D) per iteration.
+    """
+    del device  # the cost model of the compiled kernels will use it
+    if T <= 64:
+        return "sequential"
+    if D <= 16 or fc.has_full:
+        return "newton"
+    return "quasi_newton"
+
+
+def _cell_state_sizes(cell: Callable) -> int | tuple[int, ...] | None:
+    """The state sizes a cell declares: ``state_sizes`` (tuple), LSTMCell's (h, c), or
+    ``hidden_size`` (int); None when it declares none."""
+    sizes = getattr(cell, "state_sizes", None)
+    if sizes is not None:
+        return tuple(int(s) for s in sizes)
+    if isinstance(cell, torch.nn.LSTMCell):
+        return (cell.hidden_size, cell.hidden_size)
+    size = getattr(cell, "hidden_size", None)
+    return size if isinstance(size, int) else None
+
+
+def _default_state(cell: Callable, batch: torch.Size, like: Tensor) -> State:
+    sizes = _cell_state_sizes(cell)
+    if sizes is None:
+        raise ValueError(f"solve_recurrence: h0=None needs a cell with a 'hidden_size' (int) or "
+                         f"'state_sizes' (tuple) attribute to size the zero state; "
+                         f"{type(cell).__name__} has neither. Pass h0 of shape (..., D)")
+    if isinstance(sizes, int):
+        return like.new_zeros(*batch, sizes)
+    return tuple(like.new_zeros(*batch, int(s)) for s in sizes)
+
+
+def _check_state_against_cell(cell: Callable, layout: StateLayout) -> None:
+    sizes = _cell_state_sizes(cell)
+    if sizes is None:
+        return
+    want = (sizes,) if isinstance(sizes, int) else sizes
+    is_tuple = not isinstance(sizes, int)
+    if tuple(want) != layout.sizes or is_tuple != layout.is_tuple:
+        got = f"a tuple with feature sizes {layout.sizes}" if layout.is_tuple else \
+            f"a tensor with feature size {layout.sizes[0]}"
+        need = f"a tuple with feature sizes {tuple(want)}" if is_tuple else \
+            f"a tensor of shape (..., {want[0]})"
+        raise ValueError(f"solve_recurrence: h0 must be {need} for {type(cell).__name__}; "
+                         f"got {got}")
+
+
+def _check_args(cell, inputs, method, tol, max_iter, jacobian, on_failure, grad):
+    if not callable(cell):
+        raise TypeError(f"solve_recurrence: cell must be callable as cell(x_t, h_prev) -> h_t; "
+                        f"got {type(cell).__name__}")
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"solve_recurrence: inputs must be a torch.Tensor of shape (..., T, n); "
+                        f"got {type(inputs).__name__}")
+    if inputs.dim() < 2:
+        raise ValueError(f"solve_recurrence: inputs must have shape (..., T, n) with a time dim "
+                         f"and a feature dim; got shape {tuple(inputs.shape)} (for a scalar "
+                         f"input per step use inputs.unsqueeze(-1))")
+    if not inputs.is_floating_point():
+        raise TypeError(f"solve_recurrence: inputs must be floating point; got {inputs.dtype}")
+    if method != "auto" and method not in METHODS:
+        raise ValueError(f"solve_recurrence: unknown method {method!r}; valid: 'auto', "
+                         + ", ".join(repr(m) for m in METHODS))
+    if jacobian not in JACOBIANS:
+        raise ValueError(f"solve_recurrence: unknown jacobian {jacobian!r}; valid: "
+                         + ", ".join(repr(j) for j in JACOBIANS))
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"solve_recurrence: on_failure must be one of "
+                         f"{', '.join(repr(o) for o in ON_FAILURE)}; got {on_failure!r}")
+    if grad not in GRADS:
+        raise ValueError(f"solve_recurrence: grad must be 'implicit' or 'unrolled'; got {grad!r}")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float))
+                            or not math.isfinite(tol) or tol <= 0):
+        raise ValueError(f"solve_recurrence: tol must be a positive finite number; got {tol!r}")
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int)
+                                 or max_iter < 1):
+        raise ValueError(f"solve_recurrence: max_iter must be an int >= 1; got {max_iter!r}")
+
+
+def _as_batch_state(state: State, layout: StateLayout, batch: torch.Size, what: str,
+                    inputs: Tensor, time: int | None = None) -> Tensor:
+    """A (..., [T,] D) state (or tuple) as one flat (B, [T,] D) tensor, with checks."""
+    parts = (state,) if not layout.is_tuple else tuple(state)
+    for p in parts:
+        if p.device != inputs.device:
+            raise ValueError(f"solve_recurrence: {what} is on {p.device} but inputs are on "
+                             f"{inputs.device}")
+        if not p.is_floating_point():
+            raise TypeError(f"solve_recurrence: {what} must be floating point; got {p.dtype}")
+        lead = p.shape[:-1] if time is None else p.shape[:-2]
+        if time is not None and (p.dim() < 2 or p.shape[-2] != time):
+            raise ValueError(f"solve_recurrence: {what} must have shape (..., T, D) with T = "
+                             f"{time}; got {tuple(p.shape)}")
+        try:
+            if torch.broadcast_shapes(lead, batch) != batch:
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"solve_recurrence: {what} has batch dims {tuple(lead)}, which do "
+                             f"not broadcast to the inputs' batch dims {tuple(batch)}") from None
+    flat = layout.flatten(state)
+    tail = flat.shape[-1:] if time is None else flat.shape[-2:]
+    B = math.prod(batch)
+    return flat.expand(*batch, *tail).reshape(B, *tail)
+
+
+def solve_recurrence(
+    cell: Callable,
+    inputs: Tensor,
+    h0: State | None = None,
+    *,
+    method: str = "auto",
+    tol: float | None = None,
+    max_iter: int | None = None,
+    jacobian: str = "auto",
+    init: State | None = None,
+    on_failure: str = "fallback",
+    grad: str = "implicit",
+    return_info: bool = False,
+    hutchinson_samples: int = 8,
+    generator: torch.Generator | None = None,
+) -> State | tuple[State, SolveInfo]:
+    """The states of h_t = cell(x_t, h_{t-1}), t = 1..T, computed in parallel over T.
+
+    Args:
+        cell: ``cell(x, h) -> h_new`` with torch's cell convention, input first: x (N, n),
+            h (N, D) or a tuple of (N, D_i) (LSTM's (h, c)), returning the state's structure.
+            torch.nn.RNNCell, GRUCell, LSTMCell, any nn.Module or function of that form. It is
+            called on all T steps at once (N = batch x T rows), so rows must be independent.
+            It may provide analytic Jacobians (see ``paraseq.solve.cell``).
+        inputs: (..., T, n).
+        h0: the state before the first step, (..., D) or a tuple of (..., D_i); None means
+            zeros, sized by the cell's ``hidden_size`` (or ``state_sizes``) attribute.
+        method: ``"sequential"``, ``"newton"``, ``"quasi_newton"``, ``"damped_newton"``,
+            ``"picard"``, ``"jacobi"`` or ``"auto"`` (see ``choose_method``).
+        tol: tolerance on the scaled residual max_t |h_t - f(x_t, h_{t-1})| / (1 + |f|);
+            default by dtype (``DEFAULT_TOL``: 1e-10 float64, 1e-5 float32).
+        max_iter: cap on linear solves (default ``DEFAULT_MAX_ITER``, at most T).
+        jacobian: ``"auto"`` (analytic if the cell provides it, else autograd), ``"analytic"``,
+            ``"autograd"`` (exact, by torch.func: D vector-Jacobian products per row), or
+            ``"hutchinson"`` (quasi_newton only: a stochastic estimate of the diagonal from
+            ``hutchinson_samples`` Rademacher probes, drawn from ``generator``).
+        init: an initial trajectory (..., T, D) (a warm start, e.g. last step's solution);
+            default h_t = cell(x_t, 0), as ParaRNN does.
+        on_failure: what happens when the iteration stops with the residual above ``tol``
+            (at ``max_iter``, or after 8 iterations without halving the residual):
+            ``"fallback"`` keeps the steps that satisfy the tolerance up to the first one that
+            does not, and finishes from there: by restarting the parallel solve when it got at
+            least a quarter of the way (at most 3 restarts), else by the sequential loop. The
+            result always satisfies the tolerance. ``"raise"``: ``ConvergenceError``.
+            ``"warn"``: the last iterate, a warning and ``info.converged = False``.
+        grad: ``"implicit"``: exact gradients by the adjoint, one reverse scan with the true
+            Jacobian at the solution, whatever linearisation the forward used. ``"unrolled"``:
+            autograd through exactly ``max_iter`` iterations (the iterations are the model;
+            ``on_failure`` does not apply).
+        return_info: also return a ``SolveInfo``.
+
+    Returns:
+        states (..., T, D) (a tuple of (..., T, D_i) for tuple states), in the inputs' dtype;
+        ``(states, info)`` with ``return_info``.
+
+    Mid-iteration nan and inf are reset (nan -> 0, clip to +-1e8, as DEER does); a result is
+    accepted only when its residual is under ``tol`` everywhere, so they cannot leak into a
+    returned result unless the sequential loop itself produces them. bfloat16 and float16
+    inputs run the cell in their dtype and everything else in float32.
+    """
+    _check_args(cell, inputs, method, tol, max_iter, jacobian, on_failure, grad)
+    T, n = inputs.shape[-2], inputs.shape[-1]
+    batch = inputs.shape[:-2]
+    B = math.prod(batch)
+    if h0 is None:
+        h0 = _default_state(cell, batch, inputs)
+    layout = StateLayout.of(h0)
+    _check_state_against_cell(cell, layout)
+    fc = FlatCell(cell, layout)
+    D = layout.D
+    cell_dtype = inputs.dtype
+    work_dtype = torch.float32 if inputs.dtype in (torch.bfloat16, torch.float16) else \
+        inputs.dtype
+    tol = float(tol if tol is not None else DEFAULT_TOL.get(inputs.dtype, 1e-5))
+    X = inputs.reshape(B, T, n)  # (B, T, n)
+    h0_flat = _as_batch_state(h0, layout, batch, "h0", inputs).to(work_dtype)  # (B, D)
+    name = method if method != "auto" else choose_method(T, D, fc, inputs.device)
+    m = METHODS[name]
+    info = SolveInfo(method=name, tol=tol)
+
+    def finish(H: Tensor) -> State:  # (B, T, D) -> the caller's structure
+        out = H.to(inputs.dtype).reshape(*batch, T, D)
+        return layout.unflatten(out)
+
+    def done(H: Tensor):
+        states = finish(H)
+        return (states, info) if return_info else states
+
+    if T == 0:
+        return done(h0_flat.new_zeros(B, 0, D))
+    if m.structure == "loop":
+        H = sequential(fc, X, h0_flat, cell_dtype)
+        info.converged, info.residual = True, 0.0
+        return done(H)
+
+    source = resolve_jacobian(m, jacobian, fc)
+    info.jacobian = source
+    cap = min(T, max_iter if max_iter is not None else DEFAULT_MAX_ITER[name])
+    if init is not None:
+        init_layout = StateLayout.of(init, "init")
+        if init_layout != layout:
+            raise ValueError(f"solve_recurrence: init must have the state's structure "
+                             f"(feature sizes {layout.sizes}); got {init_layout.sizes}")
+        H0 = _as_batch_state(init, layout, batch, "init", inputs, time=T).to(work_dtype)
+    else:
+        with torch.no_grad():
+            H0 = evaluate(fc, X, torch.zeros(B, T, D, dtype=cell_dtype, device=inputs.device))
+        H0 = H0.to(work_dtype)
+    dense_bytes = B * D * D * torch.finfo(work_dtype).bits // 8 * 4  # J, A*h and scan buffers
+    chunk_T = max(1, DENSE_MEMORY_LIMIT // max(dense_bytes, 1))
+    loop_kw = dict(tol=tol, cell_dtype=cell_dtype, samples=hutchinson_samples,
+                   generator=generator)
+
+    if grad == "unrolled":
+        res = run(fc, m, source, X, h0_flat, H0, max_iter=cap, fixed_iterations=True, **loop_kw)
+        info.iterations, info.residuals = res.iterations, res.residuals
+        info.residual = res.residuals[-1]
+        info.converged = info.residual <= tol
+        return done(res.H)
+
+    with torch.no_grad():
+        if m.structure != "dense" or chunk_T >= T:
+            H = _solve(fc, m, source, X, h0_flat, H0.detach(), cap, on_failure, info, loop_kw)
+        else:  # time chunks with the carried state, to bound the dense Jacobians' memory
+            parts, h_start = [], h0_flat
+            for s in range(0, T, chunk_T):
+                e = min(T, s + chunk_T)
+                Hc = _solve(fc, m, source, X[:, s:e], h_start, H0[:, s:e].detach(),
+                            min(cap, e - s), on_failure, info, loop_kw, offset=s)
+                parts.append(Hc)
+                h_start = Hc[:, -1]
+                info.time_chunks = len(parts)
+            H = torch.cat(parts, dim=1)
+    # one evaluation at the solution: the residual that is reported, and, for the implicit
+    # gradient, the differentiable f whose backward receives the adjoint (see _Implicit)
+    F = evaluate(fc, X, shift(H.to(cell_dtype), h0_flat.to(cell_dtype)))
+    info.residual = float(residual_map(H, F.detach().to(work_dtype)).max())
+    info.converged = info.residual <= tol
+    if F.requires_grad:
+        adj = _Adjoint(fc, X, shift(H, h0_flat).detach(), cell_dtype, chunk_T)
+        H = _Implicit.apply(F, H, adj)
+    return done(H)
+
+
+def _solve(fc: FlatCell, m: Method, source: str | None, X: Tensor, h0: Tensor, H0: Tensor,
+           cap: int, on_failure: str, info: SolveInfo, loop_kw: dict, offset: int = 0) -> Tensor:
+    """One parallel solve of a time segment, with the failure policy. Updates info."""
+    tol = loop_kw["tol"]
+    res: LoopResult = run(fc, m, source, X, h0, H0, max_iter=cap, **loop_kw)
+    info.iterations += res.iterations
+    info.residuals.extend(res.residuals)
+    if res.converged:
+        return res.H
+    if on_failure == "raise":
+        info.residual = res.residuals[-1]
+        raise ConvergenceError(
+            f"solve_recurrence: method={m.name!r} stopped after {res.iterations} iterations "
+            f"with residual {res.residuals[-1]:.3e} > tol {tol:.1e}; use on_failure='fallback' "
+            f"to finish sequentially from the first unconverged step, raise max_iter, or try "
+            f"method='damped_newton'", res.iterations, res.residuals[-1], info)
+    if on_failure == "warn":
+        warnings.warn(f"solve_recurrence: method={m.name!r} did not converge in "
+                      f"{res.iterations} iterations (residual {res.residuals[-1]:.3e} > tol "
+                      f"{tol:.1e}); returning the last iterate", RuntimeWarning, stacklevel=3)
+        return res.H
+    # fallback: keep the prefix that satisfies the tolerance, finish the rest
+    H = res.H
+    T = H.shape[1]
+    t0 = first_failure(residual_map(H, res.F), tol)
+    info.fell_back = True
+    info.fallback_from = offset + t0 if info.fallback_from is None else info.fallback_from
+    start = H[:, t0 - 1] if t0 > 0 else h0
+    rest_X = X[:, t0:]
+    if info.restarts < _RESTARTS and t0 >= max(1, T // 4) and T - t0 > 64:
+        info.restarts += 1
+        with torch.no_grad():
+            init = evaluate(fc, rest_X, torch.zeros_like(H[:, t0:]).to(loop_kw["cell_dtype"]))
+        rest = _solve(fc, m, source, rest_X, start, init.to(H.dtype), min(cap, T - t0),
+                      on_failure, info, loop_kw, offset=offset + t0)
+    else:
+        rest = sequential(fc, rest_X, start, loop_kw["cell_dtype"]).to(H.dtype)
+    return torch.cat([H[:, :t0], rest], dim=1)
+
+
+class _Adjoint:
+    """lambda_t = g_t + J_{t+1}^T lambda_{t+1}, with J the true Jacobian at the solution,
+    solved by reverse dense scans over time chunks (from the last chunk back)."""
+
+    def __init__(self, fc: FlatCell, X: Tensor, Hp: Tensor, cell_dtype: torch.dtype,
+                 chunk_T: int):
+        self.fc, self.X, self.Hp, self.cell_dtype, self.chunk_T = fc, X, Hp, cell_dtype, chunk_T
+
+    def __call__(self, g: Tensor) -> Tensor:
+        fc, X, Hp = self.fc, self.X, self.Hp
+        B, T, D = Hp.shape
+        g = g.to(Hp.dtype)
+        lam = torch.empty_like(g)  # (B, T, D)
+        carry = None  # J_{s}^T lambda_{s} for the first step s of the chunk after this one
+        with torch.no_grad():
+            for e in range(T, 0, -self.chunk_T):
+                s = max(0, e - self.chunk_T)
+                rows_x = X[:, s:e].reshape(B * (e - s), -1)
+                rows_h = Hp[:, s:e].reshape(B * (e - s), D).to(self.cell_dtype)
+                res = fc.analytic_full(rows_x, rows_h) if fc.has_full else None
+                J = (res if res is not None else fc.autograd_full(rows_x, rows_h))[1]
+                JT = J.reshape(B, e - s, D, D).transpose(-1, -2).to(Hp.dtype)  # (B, Tc, D, D)
+                coef = torch.cat([JT[:, 1:], torch.zeros_like(JT[:, :1])], dim=1)
+                gc = g[:, s:e].clone()
+                if carry is not None:
+                    gc[:, -1] += carry
+                lam_c = linear_scan(coef, gc, reverse=True, structure="dense")
+                lam[:, s:e] = lam_c
+                carry = torch.matmul(JT[:, 0], lam_c[:, 0].unsqueeze(-1)).squeeze(-1)
+        return lam
+
+
+class _Implicit(torch.autograd.Function):
+    """Returns the solution H; its backward hands the adjoint lambda to F = f(x, shift(H)),
+    whose own autograd graph then yields the gradients for the inputs, h0 (through the first
+    step) and every parameter of the cell, closed-over tensors included."""
+
+    @staticmethod
+    def forward(ctx, F: Tensor, H: Tensor, adjoint: _Adjoint) -> Tensor:
+        ctx.adjoint = adjoint
+        ctx.f_dtype = F.dtype
+        return H.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        return ctx.adjoint(g).to(ctx.f_dtype), None, None

@@ -1,0 +1,179 @@
+"""A user's cell seen as one function of flat tensors, and the Jacobian protocol.
+
+Shape letters: N rows of a batched call (batch x time, flattened), n input size, D state size
+(the sizes of all state tensors added up, for tuple states such as LSTM's (h, c)).
+
+A cell follows torch's RNNCell convention, input first: ``cell(x, h) -> h_new`` with x (N, n)
+and h (N, D), or h a tuple of (N, D_i) returning a tuple of the same shapes. Rows must be
+independent (row i of the output depends on row i of x and h only), which every recurrent cell
+satisfies; paraseq evaluates the cell once on all T time steps stacked into the rows.
+
+The Jacobian protocol. A cell may provide analytic Jacobians with respect to its state by
+defining either or both methods (paraseq.cells' built-in cells do):
+
+    cell.forward_with_jacobian(x, h) -> (h_new, J)            J: (N, D, D), J[i, j] = dh_new_i/dh_j
+    cell.forward_with_jacobian_diagonal(x, h) -> (h_new, d)   d: (N, D), the diagonal of J
+
+For tuple states, D and the indices refer to the concatenation of the tuple's tensors in order.
+A method that cannot serve a call (a cell wrapping another, say) may return ``NotImplemented``,
+and paraseq falls back to torch.func. Results must equal autograd's; the tests of paraseq.cells
+hold every built-in cell to that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+State = Tensor | tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """How a state (a tensor or a tuple of tensors) maps to one flat (..., D) tensor."""
+
+    sizes: tuple[int, ...]
+    is_tuple: bool
+
+    @property
+    def D(self) -> int:
+        return sum(self.sizes)
+
+    @staticmethod
+    def of(state: State, what: str = "h0") -> StateLayout:
+        if isinstance(state, Tensor):
+            if state.dim() < 1:
+                raise ValueError(f"solve_recurrence: {what} must have a feature dim (..., D); got "
+                                 f"a 0-d tensor")
+            return StateLayout((state.shape[-1],), False)
+        if isinstance(state, (tuple, list)) and state and all(isinstance(s, Tensor) for s in state):
+            if any(s.dim() < 1 for s in state):
+                raise ValueError(f"solve_recurrence: every tensor of {what} needs a feature dim")
+            return StateLayout(tuple(s.shape[-1] for s in state), True)
+        raise TypeError(f"solve_recurrence: {what} must be a tensor or a tuple of tensors; got "
+                        f"{type(state).__name__}")
+
+    def flatten(self, state: State) -> Tensor:
+        if not self.is_tuple:
+            return state  # type: ignore[return-value]
+        batch = torch.broadcast_shapes(*(s.shape[:-1] for s in state))
+        return torch.cat([s.expand(*batch, s.shape[-1]) for s in state], dim=-1)
+
+    def unflatten(self, flat: Tensor) -> State:
+        if not self.is_tuple:
+            return flat
+        return tuple(torch.split(flat, list(self.sizes), dim=-1))
+
+    def check_output(self, out: object, rows: int, dtype: torch.dtype) -> None:
+        """The cell's output must have the state's structure and shapes."""
+        expect = (f"a tuple of {len(self.sizes)} tensors of shapes "
+                  + ", ".join(f"({rows}, {d})" for d in self.sizes)) if self.is_tuple \
+            else f"a tensor of shape ({rows}, {self.sizes[0]})"
+        if self.is_tuple:
+            ok = (isinstance(out, (tuple, list)) and len(out) == len(self.sizes)
+                  and all(isinstance(o, Tensor) and tuple(o.shape) == (rows, d)
+                          for o, d in zip(out, self.sizes, strict=False)))
+        else:
+            ok = isinstance(out, Tensor) and tuple(out.shape) == (rows, self.sizes[0])
+        if not ok:
+            got = (type(out).__name__ + " of shapes "
+                   + ", ".join(str(tuple(o.shape)) if isinstance(o, Tensor) else type(o).__name__
+                               for o in out)) if isinstance(out, (tuple, list)) else (
+                f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor)
+                else type(out).__name__)
+            raise ValueError(f"solve_recurrence: cell(x, h) must return the state's structure, "
+                             f"{expect}; got {got}")
+        outs = out if self.is_tuple else (out,)
+        for o in outs:  # type: ignore[union-attr]
+            if o.dtype != dtype:
+                raise TypeError(f"solve_recurrence: cell(x, h) returned dtype {o.dtype} for a "
+                                f"state of dtype {dtype}; the cell must keep the state's dtype")
+
+
+class FlatCell:
+    """``f(x, h_flat) -> h_new_flat`` over rows, with Jacobians by protocol or torch.func."""
+
+    def __init__(self, cell: Callable, layout: StateLayout):
+        self.cell = cell
+        self.layout = layout
+        self.checked = False
+        self.has_full = callable(getattr(cell, "forward_with_jacobian", None))
+        self.has_diag = callable(getattr(cell, "forward_with_jacobian_diagonal", None))
+
+    def __call__(self, x: Tensor, h: Tensor) -> Tensor:  # (N, n), (N, D) -> (N, D)
+        out = self.cell(x, self.layout.unflatten(h))
+        if not self.checked:
+            self.layout.check_output(out, h.shape[0], h.dtype)
+            self.checked = True
+        return self.layout.flatten(tuple(out) if self.layout.is_tuple else out)
+
+    # -- Jacobians with respect to the state: J[n, i, j] = d f_i / d h_j at row n ----------
+
+    def analytic_full(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor] | None:
+        if not self.has_full:
+            return None
+        res = self.cell.forward_with_jacobian(x, self.layout.unflatten(h))
+        if res is NotImplemented:
+            return None
+        out, J = res
+        return self.layout.flatten(tuple(out) if self.layout.is_tuple else out), J
+
+    def analytic_diag(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor] | None:
+        if self.has_diag:
+            res = self.cell.forward_with_jacobian_diagonal(x, self.layout.unflatten(h))
+            if res is not NotImplemented:
+                out, d = res
+                return self.layout.flatten(tuple(out) if self.layout.is_tuple else out), d
+        full = self.analytic_full(x, h)
+        if full is None:
+            return None
+        return full[0], torch.diagonal(full[1], dim1=-2, dim2=-1)
+
+    def _vjp_rows(self, x: Tensor, h: Tensor, cotangents: Tensor) -> tuple[Tensor, Tensor]:
+        """f(x, h) and the VJPs of K stacked cotangents (K, N, D) -> (K, N, D).
+
+        The rows are independent, so K VJPs are one backward pass of the cell on the rows
+        replicated K times, each replica with its own cotangent: plain autograd with a wider
+        batch, which on CPU beats torch.func.vmap over the cotangents. Replicas are processed
+        in groups that keep the widened batch under about 2^24 scalars. Under an enclosing
+        autograd graph (grad="unrolled") the result stays differentiable.
+        """
+        K, N, D = cotangents.shape
+        differentiable = torch.is_grad_enabled() and (h.requires_grad or x.requires_grad)
+        group = max(1, min(K, (1 << 24) // max(1, N * (D + x.shape[-1]))))
+        out, rows = None, []
+        with torch.enable_grad():
+            for k0 in range(0, K, group):
+                k = min(group, K - k0)
+                hr = h.repeat(k, 1) if differentiable else h.detach().repeat(k, 1)
+                if not hr.requires_grad:
+                    hr.requires_grad_(True)
+                fr = self(x.repeat(k, 1), hr)  # (k N, D)
+                (g,) = torch.autograd.grad(fr, hr, cotangents[k0:k0 + k].reshape(k * N, D),
+                                           create_graph=differentiable)
+                rows.append(g.reshape(k, N, D))
+                if out is None:
+                    out = fr[:N] if differentiable else fr[:N].detach()
+        return out, torch.cat(rows) if len(rows) > 1 else rows[0]
+
+    def autograd_full(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        N, D = h.shape
+        basis = torch.eye(D, dtype=h.dtype, device=h.device).unsqueeze(1).expand(D, N, D)
+        out, rows = self._vjp_rows(x, h, basis)  # rows[i, n, :] = J[n, i, :]
+        return out, rows.permute(1, 0, 2)  # (N, D, D)
+
+    def autograd_diag(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        out, J = self.autograd_full(x, h)
+        return out, torch.diagonal(J, dim1=-2, dim2=-1)
+
+    def hutchinson_diag(self, x: Tensor, h: Tensor, samples: int,
+                        generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Unbiased estimate E[v * (J^T v)] of diag(J) with Rademacher probes v."""
+        N, D = h.shape
+        v = torch.randint(0, 2, (samples, N, D), generator=generator, device="cpu")
+        v = (2 * v - 1).to(dtype=h.dtype, device=h.device)  # (K, N, D)
+        out, rows = self._vjp_rows(x, h, v)
+        return out, (v * rows).mean(0)

@@ -1,0 +1,76 @@
+"""The linearisations: what each method uses for A_t in
+
+    h_t^(k+1) = f(x_t, h_{t-1}^(k)) + A_t (h_{t-1}^(k+1) - h_{t-1}^(k)),
+
+a linear recurrence in h^(k+1) solved by ``linear_scan``.
+
+Shape letters: N rows (batch x time flattened), D state size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .cell import FlatCell
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    structure: str  # "dense", "diagonal", "identity", "zero" or "loop"
+    description: str
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("sequential", "loop", "the plain loop over time: the reference and the fallback"),
+        Method("newton", "dense", "DEER: the full Jacobian, a dense scan per iteration"),
+        Method("quasi_newton", "diagonal", "quasi-DEER: the Jacobian's diagonal, an elementwise "
+                                           "scan per iteration"),
+        Method("damped_newton", "dense", "Levenberg-Marquardt on the whole trajectory (ELK's "
+                                         "idea): trust-region steps that shrink to Newton's"),
+        Method("picard", "identity", "A = I: a cumulative sum per iteration"),
+        Method("jacobi", "zero", "A = 0: h <- f(x, shift(h)), no scan"),
+    )
+}
+"""Every method by name; ``"auto"`` picks one (see ``choose_method``)."""
+
+JACOBIANS = ("auto", "analytic", "autograd", "hutchinson")
+
+
+def resolve_jacobian(method: Method, jacobian: str, fc: FlatCell) -> str | None:
+    """The Jacobian source a method will use, or None for methods that need none."""
+    if method.structure not in ("dense", "diagonal"):
+        return None
+    has = fc.has_full if method.structure == "dense" else (fc.has_diag or fc.has_full)
+    if jacobian == "auto":
+        return "analytic" if has else "autograd"
+    if jacobian == "analytic" and not has:
+        need = "forward_with_jacobian" if method.structure == "dense" else \
+            "forward_with_jacobian_diagonal (or forward_with_jacobian)"
+        raise ValueError(f"solve_recurrence: jacobian='analytic' needs a cell that defines "
+                         f"{need}; {type(fc.cell).__name__} does not. Use jacobian='autograd'")
+    if jacobian == "hutchinson" and method.structure == "dense":
+        raise ValueError(f"solve_recurrence: jacobian='hutchinson' estimates a diagonal and "
+                         f"only serves method='quasi_newton'; method={method.name!r} needs the "
+                         f"full Jacobian ('auto', 'analytic' or 'autograd')")
+    return jacobian
+
+
+def linearise(fc: FlatCell, method: Method, source: str | None, x: Tensor, h: Tensor, *,
+              samples: int = 8, generator: torch.Generator | None = None
+              ) -> tuple[Tensor, Tensor | None]:
+    """f(x, h) on all rows and the method's A: (N, D, D), (N, D), or None (identity / zero)."""
+    if method.structure == "dense":
+        res = fc.analytic_full(x, h) if source == "analytic" else None
+        return res if res is not None else fc.autograd_full(x, h)
+    if method.structure == "diagonal":
+        if source == "hutchinson":
+            return fc.hutchinson_diag(x, h, samples, generator)
+        res = fc.analytic_diag(x, h) if source == "analytic" else None
+        return res if res is not None else fc.autograd_diag(x, h)
+    return fc(x, h), None
