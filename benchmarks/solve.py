@@ -1,0 +1,170 @@
+"""GRU over long sequences: paraseq.solve_recurrence's methods against the plain loop and
+torch.nn.GRU, forward and forward+backward.
+
+    python benchmarks/solve.py                 # the grid in benchmarks/README.md
+    python benchmarks/solve.py --quick         # a smoke run (seconds)
+    python benchmarks/solve.py --markdown --csv solve.csv
+
+Each cell: a torch.nn.GRUCell(D, D) (input size = hidden size) in float32 on inputs (B, T, D).
+Timings are medians after one warm-up run. "loop" is solve_recurrence(method="sequential"),
+one GRUCell call per step; torch.nn.GRU gets the same weights. A method whose time,
+extrapolated linearly in T from the previous length, would exceed --budget seconds is not
+run and is shown as "skip".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from paraseq import solve_recurrence
+from paraseq.bench import format_table, time_call
+
+METHODS = ["newton", "quasi_newton", "auto"]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def gru_pair(D: int, seed: int) -> tuple[torch.nn.GRUCell, torch.nn.GRU]:
+    torch.manual_seed(seed)
+    cell = torch.nn.GRUCell(D, D)
+    gru = torch.nn.GRU(D, D, batch_first=True)
+    with torch.no_grad():
+        gru.weight_ih_l0.copy_(cell.weight_ih)
+        gru.weight_hh_l0.copy_(cell.weight_hh)
+        gru.bias_ih_l0.copy_(cell.bias_ih)
+        gru.bias_hh_l0.copy_(cell.bias_hh)
+    return cell, gru
+
+
+def run_cell(B: int, D: int, T: int, backward: bool, budget: float, history: dict,
+             repeats: int) -> list[dict]:
+    cell, gru = gru_pair(D, seed=T + D + B)
+    x = torch.randn(B, T, D, requires_grad=backward)  # (B, T, D)
+    with torch.no_grad():
+        ref = solve_recurrence(cell, x, method="sequential")  # (B, T, D)
+
+    def job(name: str):
+        def fwd():
+            if name == "torch.nn.GRU":
+                return gru(x)[0]
+            return solve_recurrence(cell, x, method="sequential" if name == "loop" else name)
+
+        if not backward:
+            def f():
+                with torch.no_grad():
+                    return fwd()
+            return f
+
+        def fb():
+            out = fwd()
+            out.sum().backward()
+            return out
+        return fb
+
+    rows = []
+    for name in ["loop", "torch.nn.GRU", *METHODS]:
+        key = (name, B, D, backward)
+        prev = history.get(key)
+        if prev is not None and prev[1] * T / prev[0] > budget:
+            rows.append(dict(method=name, time=None, est=prev[1] * T / prev[0]))
+            continue
+        reps = repeats if prev is None or prev[1] * T / prev[0] < budget / 5 else 1
+        timing = time_call(job(name), repeats=reps, warmup=1 if reps > 1 else 0)
+        history[key] = (T, timing.median)
+        chosen = iters = ""
+        err = float("nan")
+        if name not in ("loop",):
+            with torch.no_grad():
+                if name == "torch.nn.GRU":
+                    out = gru(x)[0]
+                else:
+                    out, info = solve_recurrence(cell, x, method=name, return_info=True)
+                    chosen, iters = info.method, info.iterations
+                err = (out - ref).abs().max().item()
+        rows.append(dict(method=name, time=timing.median, err=err, chosen=chosen, iters=iters))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a smoke run: T = 1e3, D in {1, 8}")
+    p.add_argument("--budget", type=float, default=20.0,
+                   help="seconds one measurement may take (estimated) before it is skipped")
+    p.add_argument("--markdown", action="store_true", help="print a GitHub markdown table")
+    p.add_argument("--csv", type=Path, help="write one row per (cell, method) here")
+    args = p.parse_args(argv)
+    hidden = [1, 8] if args.quick else [1, 8, 32, 64]
+    lengths = [1000] if args.quick else [1000, 10_000, 100_000]
+    batches = [1, 16] if not args.quick else [1]
+    repeats = 3 if args.quick else 5
+    print(f"# paraseq benchmarks/solve.py on {cpu_name()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {datetime.date.today()}")
+    print("# float32 GRU, input size = hidden size; time in ms (median); speedups over "
+          "torch.nn.GRU; err = max |h - loop|")
+    records, table = [], []
+    history: dict = {}
+    for backward in (False, True):
+        for D in hidden:
+            for B in batches:
+                for T in lengths:
+                    rows = run_cell(B, D, T, backward, args.budget, history, repeats)
+                    by = {r["method"]: r for r in rows}
+                    t_gru = by["torch.nn.GRU"]["time"]
+
+                    def cell_text(r, t_gru=t_gru):
+                        if r["time"] is None:
+                            return f"skip (~{r['est']:.0f} s)"
+                        s = f"{r['time'] * 1e3:.1f}"
+                        if r["method"] != "torch.nn.GRU" and t_gru:
+                            s += f" ({t_gru / r['time']:.2f}x)"
+                        return s
+
+                    auto = by["auto"]
+                    table.append([
+                        "fwd+bwd" if backward else "fwd", D, B, f"{T:.0e}",
+                        *(cell_text(by[m]) for m in ["loop", "torch.nn.GRU", *METHODS]),
+                        auto.get("chosen", ""),
+                        "" if auto["time"] is None else f"{auto.get('err', float('nan')):.1e}",
+                    ])
+                    print(" | ".join(str(c) for c in table[-1]), file=sys.stderr, flush=True)
+                    for r in rows:
+                        records.append(dict(pass_="fwd+bwd" if backward else "fwd", hidden=D,
+                                            batch=B, T=T, **r))
+    headers = ["pass", "hidden", "batch", "T", "loop", "torch.nn.GRU", *METHODS,
+               "auto chose", "auto err"]
+    if args.markdown:
+        print("| " + " | ".join(headers) + " |")
+        print("|" + "---|" * len(headers))
+        for row in table:
+            print("| " + " | ".join(str(c) for c in row) + " |")
+    else:
+        print(format_table(headers, table))
+    if args.csv:
+        with args.csv.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["pass_", "hidden", "batch", "T", "method",
+                                               "time", "est", "err", "chosen", "iters"])
+            w.writeheader()
+            for r in records:
+                w.writerow({k: r.get(k, "") for k in w.fieldnames})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""Timing that a benchmark can be judged by: warm-up, device sync, median of repeats."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    median: float  # seconds
+    best: float
+    repeats: int
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
+              budget: float | None = None) -> Timing:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed ones.
+
+    ``budget`` (seconds) caps the repeats: after the first timed run, no more runs are started
+    than fit in the budget (at least one always runs).
+    """
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times: list[float] = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+        if budget is not None and i == 0 and repeats > 1:
+            repeats = max(1, min(repeats, int(budget / max(times[0], 1e-9))))
+        if len(times) >= repeats:
+            break
+    return Timing(statistics.median(times), min(times), len(times))
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain text table, columns right-aligned except the first."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])

@@ -1,0 +1,45 @@
+"""The command line: the demo runs end to end, prints its tables and writes its plots."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from paraseq.bench import format_table, time_call
+from paraseq.cli import main
+
+
+def test_demo_small(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rc = main(["demo", "--length", "300", "--gru-length", "120", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for word in ("sequential", "parallel", "chunked", "auto", "newton", "quasi_newton",
+                 "damped_newton", "picard", "jacobi", "speedup"):
+        assert word in out
+    for name in ("demo_linear_scan.png", "demo_solve_residuals.png"):
+        png = tmp_path / name
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert str(png) in out
+
+
+def test_demo_rejects_bad_length(capsys):
+    assert main(["demo", "--length", "0", "--no-plot"]) == 2
+    assert "--length must be >= 1" in capsys.readouterr().err
+
+
+def test_module_entry_point():
+    res = subprocess.run([sys.executable, "-m", "paraseq", "--version"], capture_output=True,
+                         text=True, check=True)
+    assert res.stdout.startswith("paraseq ")
+
+
+def test_bench_helpers():
+    calls = []
+    t = time_call(lambda: calls.append(1), repeats=4, warmup=2)
+    assert len(calls) == 6 and t.repeats == 4 and 0 <= t.best <= t.median
+    table = format_table(["a", "bb"], [["x", 1], ["yyy", 22]])
+    lines = table.splitlines()
+    assert lines[0].split() == ["a", "bb"] and len({len(line) for line in lines}) == 1
