@@ -12,10 +12,10 @@ strided views, so the cost is log2(T) kernel launches, not T.
 
 ``hillis_steele_scan`` is the simpler alternative (log2(T) rounds, each combining every step with
 the one 2^k before it): half the depth, O(T log T) work. benchmarks/scan.py times both. On this
-project's 2-core CPU Hillis-Steele is up to 1.5x faster only where everything is tiny and
-per-op overhead rules (one channel, T <= 1e4: about 4 ops per round against about 8 per
-level); as soon as there is data to move, the work-efficient reduction wins by roughly the
-log2(T)/2 work ratio (B*D = 64, T = 1e5: 11x). A library is used at scale, so ``"parallel"`` is
+project's 2-core CPU Hillis-Steele is up to 2x faster only where everything is tiny and per-op
+overhead rules (one channel, T <= 1e4: about 4 ops per round against about 8 per level); as
+soon as there is data to move, the work-efficient reduction wins by roughly the log2(T)/2 work
+ratio (B*D = 64, T = 1e5: 11x; T = 1e6: 17x). A library is used at scale, so ``"parallel"`` is
 the odd-even reduction.
 """
 
