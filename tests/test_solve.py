@@ -420,17 +420,56 @@ def test_low_precision_inputs():
 
 
 def test_auto_rule():
-    cell = EssayRNN(4, 0.5)
-    x = torch.randn(1, 40, 4, dtype=F64)
-    _, info = paraseq.solve_recurrence(cell, x, torch.zeros(1, 4, dtype=F64), return_info=True)
-    assert info.method == "sequential"
-    x = torch.randn(1, 400, 4, dtype=F64)
-    _, info = paraseq.solve_recurrence(cell, x, torch.zeros(1, 4, dtype=F64), return_info=True)
-    assert info.method == "newton"
-    big = EssayRNN(40, 0.5)
-    x = torch.randn(1, 400, 40, dtype=F64)
-    _, info = paraseq.solve_recurrence(big, x, torch.zeros(1, 40, dtype=F64), return_info=True)
-    assert info.method == "quasi_newton"
+    def method(cell, B, T, D):
+        x = torch.randn(B, T, D, dtype=F64)
+        _, info = paraseq.solve_recurrence(cell, x, torch.zeros(B, D, dtype=F64),
+                                           return_info=True)
+        return info.method
+
+    small, big = EssayRNN(4, 0.5), EssayRNN(40, 0.5)
+    assert method(small, 1, 40, 4) == "sequential"  # short
+    assert method(small, 1, 400, 4) == "newton"  # B D^2 = 16
+    assert method(small, 32, 400, 4) == "sequential"  # B D^2 = 512 on a CPU
+    assert method(big, 1, 400, 40) == "sequential"
+
+    class DiagOnly(EssayRNN):
+        def forward_with_jacobian_diagonal(self, u, h):
+            out = self(u, h)
+            return out, (1 - out**2) * torch.diagonal(self.A)
+
+    assert method(DiagOnly(4, 0.5), 8, 400, 4) == "quasi_newton"
+    cuda = torch.device("cuda")
+    fc = paraseq.solve.cell.FlatCell(big, paraseq.solve.cell.StateLayout((40,), False))
+    assert paraseq.solve.api.choose_method(1000, 64, 40, fc, cuda) == "newton"
+    fc = paraseq.solve.cell.FlatCell(EssayRNN(80, 0.5),
+                                     paraseq.solve.cell.StateLayout((80,), False))
+    assert paraseq.solve.api.choose_method(1000, 64, 80, fc, cuda) == "quasi_newton"
+
+
+def test_analytic_protocol_is_used_and_checked():
+    class Analytic(EssayRNN):
+        calls = 0
+
+        def forward_with_jacobian(self, u, h):
+            Analytic.calls += 1
+            out = self(u, h)
+            return out, (1 - out**2).unsqueeze(-1) * self.A
+
+    cell = Analytic(5, 0.5, seed=13)
+    x = torch.randn(2, 300, 5, dtype=F64, requires_grad=True)
+    h0 = torch.zeros(2, 5, dtype=F64)
+    out, info = paraseq.solve_recurrence(cell, x, h0, method="newton", jacobian="analytic",
+                                         return_info=True)
+    assert info.jacobian == "analytic" and Analytic.calls >= info.iterations
+    ref = loop(cell, x, h0)
+    assert (out - ref).abs().max().item() <= 1e-10
+    w = torch.randn_like(ref)
+    calls = Analytic.calls
+    g1 = torch.autograd.grad((out * w).sum(), [x, cell.A])
+    assert Analytic.calls > calls  # the adjoint used the analytic Jacobian too
+    g2 = torch.autograd.grad((ref * w).sum(), [x, cell.A])
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------- bad input
