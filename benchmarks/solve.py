@@ -4,6 +4,7 @@ torch.nn.GRU, forward and forward+backward.
     python benchmarks/solve.py                 # the grid in benchmarks/README.md
     python benchmarks/solve.py --quick         # a smoke run (seconds)
     python benchmarks/solve.py --markdown --csv solve.csv
+    python benchmarks/solve.py --passes fwd+bwd     # training only
 
 Each cell: a torch.nn.GRUCell(D, D) (input size = hidden size) in float32 on inputs (B, T, D).
 Timings are medians after one warm-up run. "loop" is solve_recurrence(method="sequential"),
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run: T = 1e3, D in {1, 8}")
     p.add_argument("--budget", type=float, default=20.0,
                    help="seconds one measurement may take (estimated) before it is skipped")
+    p.add_argument("--passes", choices=["fwd", "fwd+bwd", "both"], default="both",
+                   help="forward only, forward+backward, or both (default)")
     p.add_argument("--markdown", action="store_true", help="print a GitHub markdown table")
     p.add_argument("--csv", type=Path, help="write one row per (cell, method) here")
     args = p.parse_args(argv)
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
           "torch.nn.GRU; err = max |h - loop|")
     records, table = [], []
     history: dict = {}
-    for backward in (False, True):
+    passes = {"fwd": (False,), "fwd+bwd": (True,), "both": (False, True)}[args.passes]
+    for backward in passes:
         for D in hidden:
             for B in batches:
                 for T in lengths:

@@ -87,17 +87,9 @@ def _scan_demo(args: argparse.Namespace, out_dir: Path) -> Path | None:
                      label=name, alpha=0.8)
     ax1.set(xlabel="sequence length T", ylabel="seconds",
             title=f"linear_scan time (float32, batch {B}, D {D})")
-    ax1.grid(True, which="both", alpha=0.3)
-    ax1.legend()
     ax2.set(xlabel="time step t", ylabel=f"max |x - x_float64 loop| per {block} steps",
             title="float32 error along the sequence")
-    ax2.grid(True, which="both", alpha=0.3)
-    ax2.legend()
-    fig.tight_layout()
-    path = out_dir / "demo_linear_scan.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, (ax1, ax2), out_dir / "demo_linear_scan.png")
 
 
 def _solve_demo(args: argparse.Namespace, out_dir: Path) -> Path | None:
@@ -145,10 +137,14 @@ def _solve_demo(args: argparse.Namespace, out_dir: Path) -> Path | None:
     ax.axhline(results["newton"][2].tol, color="k", ls="--", lw=0.8, label="tolerance")
     ax.set(xlabel="iteration", ylabel="max scaled residual |h_t - f(x_t, h_t-1)|",
            title=f"GRU (hidden {D}), T = {T:,}: residual per iteration")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    return _save(plt, fig, (ax,), out_dir / "demo_solve_residuals.png")
+
+
+def _save(plt, fig, axes, path: Path) -> Path:
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
     fig.tight_layout()
-    path = out_dir / "demo_solve_residuals.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -426,11 +426,13 @@ def test_auto_rule():
                                            return_info=True)
         return info.method
 
-    small, big = EssayRNN(4, 0.5), EssayRNN(40, 0.5)
+    small, big = EssayRNN(4, 0.5), EssayRNN(64, 0.5)
     assert method(small, 1, 40, 4) == "sequential"  # short
-    assert method(small, 1, 400, 4) == "newton"  # B D^2 = 16
-    assert method(small, 32, 400, 4) == "sequential"  # B D^2 = 512 on a CPU
-    assert method(big, 1, 400, 40) == "sequential"
+    assert method(small, 1, 400, 4) == "newton"  # B D^2 = 16, training (A requires grad)
+    with torch.no_grad():
+        assert method(small, 32, 400, 4) == "sequential"  # B D^2 = 512 on a CPU
+    assert method(small, 32, 400, 4) == "newton"  # ... but a backward pass will follow
+    assert method(big, 1, 400, 64) == "sequential"  # 4096 > 8 * 256
 
     class DiagOnly(EssayRNN):
         def forward_with_jacobian_diagonal(self, u, h):
