@@ -92,13 +92,14 @@ def run_cell(B: int, D: int, T: int, backward: bool, budget: float, history: dic
         chosen = iters = ""
         err = float("nan")
         if name not in ("loop",):
-            with torch.no_grad():
+            # the same grad mode as the timed pass: auto's choice depends on it
+            with torch.set_grad_enabled(backward):
                 if name == "torch.nn.GRU":
                     out = gru(x)[0]
                 else:
                     out, info = solve_recurrence(cell, x, method=name, return_info=True)
                     chosen, iters = info.method, info.iterations
-                err = (out - ref).abs().max().item()
+                err = (out.detach() - ref).abs().max().item()
         rows.append(dict(method=name, time=timing.median, err=err, chosen=chosen, iters=iters))
     return rows
 
