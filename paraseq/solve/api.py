@@ -153,7 +153,7 @@ def _check_state_against_cell(cell: Callable, layout: StateLayout) -> None:
                          f"got {got}")
 
 
-def layout_parts(state: State, layout: StateLayout) -> tuple[Tensor, ...]:
+def _state_parts(state: State, layout: StateLayout) -> tuple[Tensor, ...]:
     return tuple(state) if layout.is_tuple else (state,)  # type: ignore[arg-type]
 
 
@@ -293,7 +293,7 @@ def solve_recurrence(
     h0_flat = _as_batch_state(h0, layout, batch, "h0", inputs).to(work_dtype)  # (B, D)
     if method == "auto":
         training = torch.is_grad_enabled() and (
-            inputs.requires_grad or any(p.requires_grad for p in layout_parts(h0, layout))
+            inputs.requires_grad or any(p.requires_grad for p in _state_parts(h0, layout))
             or any(p.requires_grad for p in getattr(cell, "parameters", lambda: ())()))
         name = choose_method(T, B, D, fc, inputs.device, training)
     else:
