@@ -76,9 +76,9 @@ def choose_backend(T: int, D: int, batch: int, dense: bool, dtype: torch.dtype,
     return "parallel"
 
 
-def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
-    """Undo broadcasting: sum grad down to like's shape."""
-    return grad if grad.shape == like.shape else grad.sum_to_size(like.shape)
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Undo broadcasting: sum grad down to an input's shape."""
+    return grad if grad.shape == shape else grad.sum_to_size(shape)
 
 
 class _LinearScan(torch.autograd.Function):
@@ -125,12 +125,12 @@ class _LinearScan(torch.autograd.Function):
             x_prev = _shifted_states(x, x0, reverse)  # (..., T, D): the state each step reads
             x_prev = x_prev.conj() if x_prev.is_complex() else x_prev
             grad_a = (lam.unsqueeze(-1) * x_prev.unsqueeze(-2)) if dense else lam * x_prev
-            grad_a = _sum_to(grad_a, a)
+            grad_a = _sum_to(grad_a, a.shape)
         if ctx.needs_input_grad[1]:
-            grad_b = lam if lam.shape == ctx.b_shape else lam.sum_to_size(ctx.b_shape)
+            grad_b = _sum_to(lam, ctx.b_shape)
         if ctx.has_x0 and ctx.needs_input_grad[2]:
             first = T - 1 if reverse else 0
-            grad_x0 = _sum_to(apply(a_time(aH, first, dense), lam[..., first, :], dense), x0)
+            grad_x0 = _sum_to(apply(a_time(aH, first, dense), lam[..., first, :], dense), x0.shape)
         return grad_a, grad_b, grad_x0, None, None, None
 
     @staticmethod

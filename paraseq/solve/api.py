@@ -157,6 +157,12 @@ def _state_parts(state: State, layout: StateLayout) -> tuple[Tensor, ...]:
     return tuple(state) if layout.is_tuple else (state,)  # type: ignore[arg-type]
 
 
+def _default_init(fc: FlatCell, X: Tensor, D: int, cell_dtype: torch.dtype) -> Tensor:
+    """The default first guess, h_t = cell(x_t, 0) for every t (as ParaRNN): (B, T, D)."""
+    B, T = X.shape[:2]
+    return evaluate(fc, X, torch.zeros(B, T, D, dtype=cell_dtype, device=X.device))
+
+
 def _check_args(cell, inputs, method, tol, max_iter, jacobian, on_failure, grad):
     if not callable(cell):
         raise TypeError(f"solve_recurrence: cell must be callable as cell(x_t, h_prev) -> h_t; "
@@ -192,8 +198,7 @@ def _check_args(cell, inputs, method, tol, max_iter, jacobian, on_failure, grad)
 def _as_batch_state(state: State, layout: StateLayout, batch: torch.Size, what: str,
                     inputs: Tensor, time: int | None = None) -> Tensor:
     """A (..., [T,] D) state (or tuple) as one flat (B, [T,] D) tensor, with checks."""
-    parts = (state,) if not layout.is_tuple else tuple(state)
-    for p in parts:
+    for p in _state_parts(state, layout):
         if p.device != inputs.device:
             raise ValueError(f"solve_recurrence: {what} is on {p.device} but inputs are on "
                              f"{inputs.device}")
@@ -327,8 +332,7 @@ def solve_recurrence(
         H0 = _as_batch_state(init, layout, batch, "init", inputs, time=T).to(work_dtype)
     else:
         with torch.no_grad():
-            H0 = evaluate(fc, X, torch.zeros(B, T, D, dtype=cell_dtype, device=inputs.device))
-        H0 = H0.to(work_dtype)
+            H0 = _default_init(fc, X, D, cell_dtype).to(work_dtype)
     dense_bytes = B * D * D * torch.finfo(work_dtype).bits // 8 * 4  # J, A*h and scan buffers
     chunk_T = max(1, DENSE_MEMORY_LIMIT // max(dense_bytes, 1))
     loop_kw = dict(tol=tol, cell_dtype=cell_dtype, samples=hutchinson_samples,
@@ -396,8 +400,7 @@ def _solve(fc: FlatCell, m: Method, source: str | None, X: Tensor, h0: Tensor, H
     rest_X = X[:, t0:]
     if info.restarts < _RESTARTS and t0 >= max(1, T // 4) and T - t0 > 64:
         info.restarts += 1
-        with torch.no_grad():
-            init = evaluate(fc, rest_X, torch.zeros_like(H[:, t0:]).to(loop_kw["cell_dtype"]))
+        init = _default_init(fc, rest_X, H.shape[-1], loop_kw["cell_dtype"])  # under no_grad
         rest = _solve(fc, m, source, rest_X, start, init.to(H.dtype), min(cap, T - t0),
                       on_failure, info, loop_kw, offset=offset + t0)
     else:
