@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -176,6 +177,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_COMMANDS: list[str] = []
+"""Modules (relative to paraseq) that add subcommands: each has ``register(sub)``, which calls
+``sub.add_parser(...)`` and sets ``func`` (args -> exit code) by ``set_defaults``. Imported
+only when the parser is built, so ``import paraseq`` stays light."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m paraseq",
                                      description="paraseq: sequential models, parallel in time.")
@@ -194,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-plot", action="store_true", help="print the tables only")
     demo.set_defaults(func=cmd_demo)
+    for module in _COMMANDS:
+        importlib.import_module(module, __package__).register(sub)
     return parser
 
 

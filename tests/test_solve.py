@@ -529,3 +529,23 @@ def test_bad_input():
                                  method="newton")
     assert set(METHODS) == {"sequential", "newton", "quasi_newton", "damped_newton", "picard",
                             "jacobi"}
+
+
+def test_cells_declaring_a_diagonal_jacobian_get_quasi_newton_and_a_diagonal_adjoint():
+    from paraseq.cells import DiagGRUCell
+
+    torch.manual_seed(0)
+    cell = DiagGRUCell(3, 5).double()
+    assert cell.jacobian_is_diagonal
+    x = torch.randn(2, 200, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    H, info = paraseq.solve_recurrence(cell, x, h0, return_info=True)
+    assert info.method == "quasi_newton" and info.converged and info.iterations <= 8
+    Hs = paraseq.solve_recurrence(cell, x, h0, method="sequential")
+    assert torch.allclose(H, Hs, atol=1e-10)
+    w = torch.randn_like(H)
+    params = [x, h0, *cell.parameters()]
+    g = torch.autograd.grad((w * H).sum(), params)
+    gs = torch.autograd.grad((w * Hs).sum(), params)
+    for a, b in zip(g, gs, strict=True):
+        assert torch.allclose(a, b, atol=1e-9)

@@ -223,7 +223,12 @@ def elman_jacobian_diagonal(x: Tensor, h: Tensor, weight_ih: Tensor, weight_hh: 
 def _gru_forward(x, h, weight_ih, weight_hh, bias_ih, bias_hh):
     """torch's GRU cell, in torch's order of operations (aten's GRUCell), for dense or diagonal
     weight_hh; returns h_new and the gates the Jacobian needs."""
-    gi = F.linear(x, weight_ih, bias_ih)  # (N, 3 H)
+    return _gru_gated(F.linear(x, weight_ih, bias_ih), h, weight_hh, bias_hh)
+
+
+def _gru_gated(gi, h, weight_hh, bias_hh):
+    """``_gru_forward`` from the input pre-activations gi = W_ih x + b_ih (N, 3 H), which a
+    layer computes for all time steps at once."""
     gh = _recurrent(h, weight_hh, bias_hh, 3)  # (N, 3 H)
     H = h.shape[1]
     r, z = torch.sigmoid(gh[:, :2 * H] + gi[:, :2 * H]).chunk(2, 1)  # (N, H) reset, update
@@ -240,7 +245,12 @@ def _gru_parts(x, h, weight_ih, weight_hh, bias_ih, bias_hh):
         dn/dh = diag(1 - n^2) (diag(W_hn h + b_hn) dr/dh + diag(r) W_hn),
         dh_new/dh = diag(z) + diag(1 - z) dn/dh + diag(h - n) dz/dh.
     """
-    h_new, r, z, n, h_n = _gru_forward(x, h, weight_ih, weight_hh, bias_ih, bias_hh)
+    return _gru_gated_parts(F.linear(x, weight_ih, bias_ih), h, weight_hh, bias_hh)
+
+
+def _gru_gated_parts(gi, h, weight_hh, bias_hh):
+    """``_gru_parts`` from the input pre-activations gi (N, 3 H)."""
+    h_new, r, z, n, h_n = _gru_gated(gi, h, weight_hh, bias_hh)
     dn = (1 - z) * (1 - n * n)  # (N, H) d h_new / d (pre-tanh of n)
     C = torch.stack([dn * h_n * r * (1 - r),  # on W_hr
                      (h - n) * z * (1 - z),  # on W_hz
@@ -323,9 +333,15 @@ def diag_gru_jacobian(x: Tensor, h: Tensor, weight_ih: Tensor, weight_hh: Tensor
 def _lstm_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
     """torch's LSTM cell, in torch's order of operations (aten's LSTMCell), for dense or
     diagonal weight_hh; returns (h_new, c_new) and the gates the Jacobian needs."""
-    gates = _recurrent(h, weight_hh, bias_hh, 4) + F.linear(x, weight_ih, bias_ih)  # (N, 4 H)
+    return _lstm_gated(F.linear(x, weight_ih, bias_ih), h, c, weight_hh, bias_hh)
+
+
+def _lstm_gated(gi, h, c, weight_hh, bias_hh):
+    """``_lstm_forward`` from the input pre-activations gi = W_ih x + b_ih (N, 4 H)."""
+    gates = _recurrent(h, weight_hh, bias_hh, 4) + gi  # (N, 4 H)
     i, f, _, o = torch.sigmoid(gates).chunk(4, 1)  # (N, H) each: input, forget, output gates
-    g = torch.tanh(gates[:, 2 * h.shape[1]:3 * h.shape[1]])  # (N, H) cell candidate
+    H = c.shape[1]  # h may be narrower (a projected LSTM's h has proj_size units)
+    g = torch.tanh(gates[:, 2 * H:3 * H])  # (N, H) cell candidate
     c_new = f * c + i * g  # (N, H)
     tc = torch.tanh(c_new)  # (N, H)
     h_new = o * tc  # (N, H)
@@ -341,7 +357,12 @@ def _lstm_parts(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
         dh_new/dc = diag(s f).
 
     Returns h_new, c_new, f, s, C (N, 4, H) for dc_new/dh (C_o = 0) and the W_ho scaling."""
-    h_new, c_new, i, f, g, o, tc = _lstm_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
+    return _lstm_gated_parts(F.linear(x, weight_ih, bias_ih), h, c, weight_hh, bias_hh)
+
+
+def _lstm_gated_parts(gi, h, c, weight_hh, bias_hh):
+    """``_lstm_parts`` from the input pre-activations gi (N, 4 H)."""
+    h_new, c_new, i, f, g, o, tc = _lstm_gated(gi, h, c, weight_hh, bias_hh)
     s = o * (1 - tc * tc)  # (N, H) d h_new / d c_new
     C = torch.stack([g * i * (1 - i), c * f * (1 - f), i * (1 - g * g), tc * o * (1 - o)],
                     dim=1)  # (N, 4, H); the last is dh_new/dh's scaling of W_ho
@@ -351,14 +372,19 @@ def _lstm_parts(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
 def _lstm_jacobian(fn, state, weight_ih, weight_hh, bias_ih, bias_hh, x, diagonal):
     h, c = _split_state(fn, state)
     _check(fn, x, (h, c), weight_ih, weight_hh, bias_ih, bias_hh, 4, diagonal)
-    h_new, c_new, f, s, C = _lstm_parts(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
-    H = h.shape[1]
-    N = h.shape[0]
+    return _lstm_full_from_parts(_lstm_parts(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh),
+                                 weight_hh)
+
+
+def _lstm_full_from_parts(parts, weight_hh):
+    """The (h_new, c_new) and dense J (N, 2 H, 2 H) of ``_lstm_jacobian`` from the parts."""
+    h_new, c_new, f, s, C = parts
+    N, H = h_new.shape
     if weight_hh.dim() == 1:  # four diagonal blocks; build from their diagonals
         w = weight_hh.view(4, H)  # (4, H)
         ch = (C[:, :3] * w[:3]).sum(1)  # (N, H) diag of dc_new/dh
         blocks = (s * ch + C[:, 3] * w[3], s * f, ch, f)  # hh, hc, ch, cc diagonals (N, H)
-        J = h.new_zeros(N, 2 * H, 2 * H)  # (N, 2 H, 2 H)
+        J = h_new.new_zeros(N, 2 * H, 2 * H)  # (N, 2 H, 2 H)
         for (r0, c0), d in zip(((0, 0), (0, H), (H, 0), (H, H)), blocks, strict=True):
             J[:, r0:r0 + H, c0:c0 + H].diagonal(dim1=-2, dim2=-1).copy_(d)
         return (h_new, c_new), J
@@ -366,7 +392,7 @@ def _lstm_jacobian(fn, state, weight_ih, weight_hh, bias_ih, bias_hh, x, diagona
     # first touch of fresh memory is the main cost), and every addcmul_ saves only its small
     # factors, so autograd can differentiate through the in-place writes.
     W = weight_hh.view(4, H, H)  # (4, H, H)
-    J = h.new_zeros(N, 2 * H, 2 * H)  # (N, 2 H, 2 H)
+    J = h_new.new_zeros(N, 2 * H, 2 * H)  # (N, 2 H, 2 H)
     for k in range(3):  # views taken afresh at each write, as autograd wants
         J[:, H:, :H].addcmul_(C[:, k, :, None], W[k])  # dc_new/dh
         J[:, :H, :H].addcmul_((s * C[:, k]).unsqueeze(-1), W[k])  # dh_new/dh
@@ -379,8 +405,14 @@ def _lstm_jacobian(fn, state, weight_ih, weight_hh, bias_ih, bias_hh, x, diagona
 def _lstm_diagonal(fn, state, weight_ih, weight_hh, bias_ih, bias_hh, x, diagonal):
     h, c = _split_state(fn, state)
     _check(fn, x, (h, c), weight_ih, weight_hh, bias_ih, bias_hh, 4, diagonal)
-    h_new, c_new, f, s, C = _lstm_parts(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
-    w = _recurrent_diagonal(weight_hh, 4, h.shape[1])  # (4, H)
+    return _lstm_diag_from_parts(_lstm_parts(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh),
+                                 weight_hh)
+
+
+def _lstm_diag_from_parts(parts, weight_hh):
+    """The (h_new, c_new) and J's diagonal (N, 2 H) of ``_lstm_diagonal`` from the parts."""
+    h_new, c_new, f, s, C = parts
+    w = _recurrent_diagonal(weight_hh, 4, h_new.shape[1])  # (4, H)
     ch = (C[:, :3] * w[:3]).sum(1)  # (N, H) diag of dc_new/dh
     return (h_new, c_new), torch.cat([s * ch + C[:, 3] * w[3], f], dim=1)  # (N, 2 H)
 

@@ -218,6 +218,7 @@ class DiagGRUCell(_HiddenCell):
 
     _gates = 3
     _diagonal = True
+    jacobian_is_diagonal = True  # paraseq.solve: the diagonal is the whole Jacobian
     _fn = staticmethod(CF.diag_gru)
     _fn_jacobian = staticmethod(CF.diag_gru_jacobian)
     _fn_diagonal = staticmethod(CF.diag_gru_jacobian_diagonal)

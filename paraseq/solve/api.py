@@ -76,7 +76,7 @@ class SolveInfo:
     residuals: list[float] = field(default_factory=list)
 
 
-_CPU_PARALLEL_WORK = {"autograd": 256, "analytic": 2048}
+_CPU_PARALLEL_WORK = {"autograd": 256, "analytic": 2048, "diagonal": 4096}
 _CPU_TRAINING_FACTOR = 8
 
 
@@ -98,12 +98,20 @@ def choose_method(T: int, B: int, D: int, fc: FlatCell, device: torch.device,
       elementwise scan is cheaper than a dense one. Measured on this project's 2-core CPU
       with torch.nn.GRUCell, T = 1e4..1e5 (README, benchmarks/solve.py): B = 1, D = 8 is 4x
       faster than the loop by Newton; B = 16, D = 8 is 4x slower.
+    - A cell with ``jacobian_is_diagonal = True`` gets ``"quasi_newton"``, which is exact Newton
+      for it at O(B T D) per iteration; on a CPU while B D <= 4096 (x8 when training), beyond
+      which the loop's fixed per-step overhead is the smaller cost.
     - Other devices (CUDA): ``"newton"`` for 1 < D <= 64 (or an analytic full Jacobian), else
       ``"quasi_newton"``: the device is wide, and the loop's per-step launch overhead is what
       the parallel methods remove.
     """
     if T <= 64:
         return "sequential"
+    if fc.diag_exact:
+        if device.type == "cpu" and B * D > _CPU_PARALLEL_WORK["diagonal"] * (
+                _CPU_TRAINING_FACTOR if training else 1):
+            return "sequential"
+        return "quasi_newton"
     diag_only = fc.has_diag and not fc.has_full
     if device.type == "cpu":
         limit = _CPU_PARALLEL_WORK["analytic" if (fc.has_full or fc.has_diag) else "autograd"]
@@ -220,6 +228,7 @@ def _as_batch_state(state: State, layout: StateLayout, batch: torch.Size, what: 
     return flat.expand(*batch, *tail).reshape(B, *tail)
 
 
+@torch.compiler.disable
 def solve_recurrence(
     cell: Callable,
     inputs: Tensor,
@@ -274,6 +283,10 @@ def solve_recurrence(
     Returns:
         states (..., T, D) (a tuple of (..., T, D_i) for tuple states), in the inputs' dtype;
         ``(states, info)`` with ``return_info``.
+
+    Under torch.compile the solve runs eagerly (``torch.compiler.disable``; a graph break in
+    a compiled caller): its loop stops on a data-dependent test on the host, which Dynamo would
+    retrace for every iteration count.
 
     Mid-iteration nan and inf are reset (nan -> 0, clip to +-1e8, as DEER does); a result is
     accepted only when its residual is under ``tol`` everywhere, so they cannot leak into a
@@ -335,6 +348,8 @@ def solve_recurrence(
             H0 = _default_init(fc, X, D, cell_dtype).to(work_dtype)
     dense_bytes = B * D * D * torch.finfo(work_dtype).bits // 8 * 4  # J, A*h and scan buffers
     chunk_T = max(1, DENSE_MEMORY_LIMIT // max(dense_bytes, 1))
+    adjoint_chunk_T = max(1, DENSE_MEMORY_LIMIT // max(dense_bytes // D, 1)) if fc.diag_exact \
+        else chunk_T
     loop_kw = dict(tol=tol, cell_dtype=cell_dtype, samples=hutchinson_samples,
                    generator=generator)
 
@@ -364,7 +379,7 @@ def solve_recurrence(
     info.residual = float(residual_map(H, F.detach().to(work_dtype)).max())
     info.converged = info.residual <= tol
     if F.requires_grad:
-        adj = _Adjoint(fc, X, shift(H, h0_flat).detach(), cell_dtype, chunk_T)
+        adj = _Adjoint(fc, X, shift(H, h0_flat).detach(), cell_dtype, adjoint_chunk_T)
         H = _Implicit.apply(F, H, adj)
     return done(H)
 
@@ -415,6 +430,7 @@ class _Adjoint:
     def __init__(self, fc: FlatCell, X: Tensor, Hp: Tensor, cell_dtype: torch.dtype,
                  chunk_T: int):
         self.fc, self.X, self.Hp, self.cell_dtype, self.chunk_T = fc, X, Hp, cell_dtype, chunk_T
+        self.diagonal = fc.diag_exact
 
     def __call__(self, g: Tensor) -> Tensor:
         fc, X, Hp = self.fc, self.X, self.Hp
@@ -427,16 +443,25 @@ class _Adjoint:
                 s = max(0, e - self.chunk_T)
                 rows_x = X[:, s:e].reshape(B * (e - s), -1)
                 rows_h = Hp[:, s:e].reshape(B * (e - s), D).to(self.cell_dtype)
-                res = fc.analytic_full(rows_x, rows_h) if fc.has_full else None
-                J = (res if res is not None else fc.autograd_full(rows_x, rows_h))[1]
-                JT = J.reshape(B, e - s, D, D).transpose(-1, -2).to(Hp.dtype)  # (B, Tc, D, D)
+                if self.diagonal:  # J = diag(d): J^T = J, an elementwise reverse scan
+                    res = fc.analytic_diag(rows_x, rows_h)
+                    JT = (res if res is not None else fc.autograd_diag(rows_x, rows_h))[1]
+                    JT = JT.reshape(B, e - s, D).to(Hp.dtype)  # (B, Tc, D)
+                else:
+                    res = fc.analytic_full(rows_x, rows_h) if fc.has_full else None
+                    J = (res if res is not None else fc.autograd_full(rows_x, rows_h))[1]
+                    JT = J.reshape(B, e - s, D, D).transpose(-1, -2).to(Hp.dtype)  # (B,Tc,D,D)
                 coef = torch.cat([JT[:, 1:], torch.zeros_like(JT[:, :1])], dim=1)
                 gc = g[:, s:e].clone()
                 if carry is not None:
                     gc[:, -1] += carry
-                lam_c = linear_scan(coef, gc, reverse=True, structure="dense")
+                lam_c = linear_scan(coef, gc, reverse=True,
+                                    structure="diagonal" if self.diagonal else "dense")
                 lam[:, s:e] = lam_c
-                carry = torch.matmul(JT[:, 0], lam_c[:, 0].unsqueeze(-1)).squeeze(-1)
+                if self.diagonal:
+                    carry = JT[:, 0] * lam_c[:, 0]  # (B, D)
+                else:
+                    carry = torch.matmul(JT[:, 0], lam_c[:, 0].unsqueeze(-1)).squeeze(-1)
         return lam
 
 

@@ -15,6 +15,10 @@ defining either or both methods (paraseq.cells' built-in cells do):
     cell.forward_with_jacobian_diagonal(x, h) -> (h_new, d)   d: (N, D), the diagonal of J
 
 For tuple states, D and the indices refer to the concatenation of the tuple's tensors in order.
+A cell whose Jacobian is diagonal (each unit reads only its own past: paraseq.cells'
+DiagGRUCell) says so with the attribute ``jacobian_is_diagonal = True``; then the diagonal is
+the whole Jacobian, "auto" picks quasi_newton (which is exact Newton for it) and the implicit
+gradient's adjoint runs an elementwise scan instead of a dense one.
 A method that cannot serve a call (a cell wrapping another, say) may return ``NotImplemented``,
 and paraseq falls back to torch.func. Results must equal autograd's; the tests of paraseq.cells
 hold every built-in cell to that.
@@ -102,6 +106,7 @@ class FlatCell:
         self.checked = False
         self.has_full = callable(getattr(cell, "forward_with_jacobian", None))
         self.has_diag = callable(getattr(cell, "forward_with_jacobian_diagonal", None))
+        self.diag_exact = getattr(cell, "jacobian_is_diagonal", False) is True
 
     def __call__(self, x: Tensor, h: Tensor) -> Tensor:  # (N, n), (N, D) -> (N, D)
         out = self.cell(x, self.layout.unflatten(h))

@@ -1,0 +1,564 @@
+"""``paraseq.nn.RNN``, ``GRU``, ``LSTM``: torch.nn's recurrent layers, parallel over time.
+
+Shape letters: T time, B batch, n input size, H hidden size, P proj_size (LSTM), L layers,
+Dn directions (1 or 2), K gates (RNN 1, GRU 3, LSTM 4), Hout = P if P > 0 else H.
+
+Each module has exactly torch.nn.RNN/GRU/LSTM's constructor, parameter names and shapes
+(weight_ih_l0, weight_hh_l0_reverse, bias_ih_l1, weight_hr_l0, ...), registration order and
+initialisation (every parameter uniform(-1/sqrt(H), 1/sqrt(H)) in torch's order, so one seed
+gives the same weights), so ``load_state_dict`` works in both directions, and the forward
+signature and results of torch's: ``forward(input, hx=None) -> (output, h_n)`` (LSTM:
+``(output, (h_n, c_n))``), time-major or ``batch_first``, batched or unbatched,
+PackedSequence in and out. Keyword-only extras choose how the recurrence is solved:
+
+    method     "auto" (default), "sequential", or a parallel method of ``solve_recurrence``
+               ("newton", "quasi_newton", "damped_newton", "picard", "jacobi")
+    tol, max_iter, on_failure   passed to ``solve_recurrence`` (see there); the default tol
+               is ``DEFAULT_TOL`` below, tighter than solve_recurrence's
+
+How a forward runs. ``method="sequential"`` calls torch's own fused kernels (torch.gru,
+torch.lstm, ...): exactly torch.nn's numbers at torch.nn's speed. A parallel method runs each
+layer and direction as one ``solve_recurrence``: the input products W_ih x + b_ih of all T steps
+in one matmul, then Newton (or the chosen method) over the recurrent half with the analytic
+Jacobians of ``paraseq.nn._gated``; the backward pass is the implicit adjoint (one reverse
+scan per layer and direction), exact whatever method the forward used. ``"auto"`` asks
+``paraseq.solve.choose_method`` (T, B, H, device, whether a backward pass will follow) and
+runs torch's fused kernels whenever it answers "sequential": short sequences (T <= 64),
+decoding, and wide batches on a CPU, where the loop is the faster path.
+
+``step(x_t, hx)`` advances the state by one time step (streaming inference); it runs the cells
+directly. Results equal ``forward`` on the whole sequence step by step.
+
+Padding and PackedSequence: packed input is supported. Each sequence is solved over the padded
+length, and every direction runs inside each sequence's own length (the reverse direction
+starts at each sequence's last valid step), so padding never changes a valid position's result;
+h_n holds each sequence's state at its own last step, as torch's.
+
+torch.compile: the modules work under torch.compile (fullgraph=False); the input
+projections, concatenations and dropout are compiled, while the solver and torch's fused
+kernels run eagerly behind ``torch.compiler.disable``. The reasons: a parallel solve tests
+convergence on the host after each iteration (a data-dependent stop, which Dynamo would retrace
+for every iteration count), and Inductor lowers torch.gru/lstm by unrolling time (T copies of
+the cell in one graph). So ``fullgraph=True`` cannot work, and compiling buys little here: the
+solver's work is already a few large batched ops per iteration. ``tests/test_nn.py`` checks
+compiled against eager results and gradients.
+
+Every forward of a parallel path leaves the ``SolveInfo`` of each layer and direction in
+``module.last_solve_info`` (a list, layer-major; empty after a sequential forward).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from ..solve import solve_recurrence
+from ..solve.api import ON_FAILURE, choose_method
+from ..solve.cell import FlatCell, StateLayout
+from ..solve.methods import METHODS
+from ._gated import ElmanGated, GRUGated, LSTMGated, ProjLSTMGated
+
+__all__ = ["DEFAULT_TOL", "GRU", "LSTM", "RNN", "DiagGRU", "DiagLSTM"]
+
+DEFAULT_TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2,
+               torch.float16: 2e-3}
+"""The modules' default ``tol`` by dtype: 100x tighter than ``solve_recurrence``'s in float32
+and float64, because the modules promise torch.nn's numbers (1e-5 relative in float32, 1e-10
+in float64) for every method, the linearly converging ones (quasi_newton, jacobi) included.
+Newton converges quadratically, so the tighter tolerance costs it about one iteration."""
+
+_GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
+_NATIVE = {"RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu, "GRU": torch.gru,
+           "LSTM": torch.lstm}
+
+
+def _check_int(owner: str, name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be an int; got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}; got {value}")
+    return int(value)
+
+
+class _RNNBase(nn.Module):
+    """The shared machinery; subclasses set ``mode`` and, for the diagonal-recurrence
+    variants, ``_diagonal = True`` (weight_hh of shape (K H,) instead of (K H, H))."""
+
+    _diagonal = False
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None, *,
+                 method: str = "auto", tol: float | None = None, max_iter: int | None = None,
+                 on_failure: str = "fallback") -> None:
+        name = type(self).__name__
+        input_size = _check_int(name, "input_size", input_size, 1)
+        hidden_size = _check_int(name, "hidden_size", hidden_size, 1)
+        num_layers = _check_int(name, "num_layers", num_layers, 1)
+        proj_size = _check_int(name, "proj_size", proj_size, 0)
+        for arg, v in (("bias", bias), ("batch_first", batch_first),
+                       ("bidirectional", bidirectional)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name}: {arg} must be a bool; got {type(v).__name__}")
+        if (isinstance(dropout, bool) or not isinstance(dropout, numbers.Number)
+                or not 0 <= dropout <= 1):
+            raise ValueError(f"{name}: dropout must be a number in [0, 1] (the probability of "
+                             f"zeroing an element); got {dropout!r}")
+        if proj_size and mode != "LSTM":
+            raise ValueError(f"{name}: proj_size is an LSTM option; got proj_size={proj_size}")
+        if proj_size >= hidden_size:
+            raise ValueError(f"{name}: proj_size must be smaller than hidden_size; got "
+                             f"proj_size={proj_size}, hidden_size={hidden_size}")
+        if method != "auto" and method not in METHODS:
+            raise ValueError(f"{name}: unknown method {method!r}; valid: 'auto', "
+                             + ", ".join(repr(m) for m in METHODS))
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"{name}: on_failure must be one of "
+                             f"{', '.join(repr(o) for o in ON_FAILURE)}; got {on_failure!r}")
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real)
+                                or not math.isfinite(tol) or tol <= 0):
+            raise ValueError(f"{name}: tol must be a positive finite number or None; got "
+                             f"{tol!r}")
+        if max_iter is not None:
+            _check_int(name, "max_iter", max_iter, 1)
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(f"{name}: dropout={dropout} has no effect with num_layers=1 (dropout "
+                          f"acts between layers)", UserWarning, stacklevel=3)
+        super().__init__()
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.method = method
+        self.tol = tol
+        self.max_iter = max_iter
+        self.on_failure = on_failure
+        self.last_solve_info: list = []
+        factory = {"device": device, "dtype": dtype}
+        K = _GATES[mode]
+        dirs = 2 if bidirectional else 1
+        real_hidden = proj_size if proj_size > 0 else hidden_size
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            for direction in range(dirs):
+                layer_input = input_size if layer == 0 else real_hidden * dirs
+                suffix = "_reverse" if direction == 1 else ""
+                shapes = [("weight_ih", (K * hidden_size, layer_input)),
+                          ("weight_hh", (K * hidden_size,) if self._diagonal
+                           else (K * hidden_size, real_hidden))]
+                if bias:
+                    shapes += [("bias_ih", (K * hidden_size,)), ("bias_hh", (K * hidden_size,))]
+                if proj_size > 0:
+                    shapes.append(("weight_hr", (proj_size, hidden_size)))
+                names = []
+                for base, shape in shapes:
+                    pname = f"{base}_l{layer}{suffix}"
+                    setattr(self, pname, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(pname)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    # -- torch.nn.RNNBase's surface ----------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        """Every parameter uniform(-1/sqrt(H), 1/sqrt(H)), in registration order (torch's)."""
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """The parameters per layer and direction, as torch.nn.RNNBase.all_weights."""
+        return [[getattr(self, n) for n in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """A no-op kept for drop-in compatibility: paraseq needs no cuDNN weight buffer."""
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        if self.method != "auto":
+            s += ", method={method!r}"
+        return s.format(**self.__dict__)
+
+    # -- shapes --------------------------------------------------------------------------------
+
+    @property
+    def _dirs(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def _hout(self) -> int:
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
+
+    def _state_sizes(self) -> tuple[int, ...]:
+        """Feature sizes of the state tensors: (Hout,) or, for LSTM, (Hout, H)."""
+        return (self._hout, self.hidden_size) if self.mode == "LSTM" else (self._hout,)
+
+    def _layer_params(self, layer: int, direction: int) -> dict[str, Tensor]:
+        names = self._all_weights[layer * self._dirs + direction]
+        return {n.rsplit("_l", 1)[0]: getattr(self, n) for n in names}
+
+    def _cell(self, layer: int, direction: int):
+        p = self._layer_params(layer, direction)
+        w_hh, b_hh = p["weight_hh"], p.get("bias_hh")
+        if self.mode == "LSTM":
+            if self.proj_size > 0:
+                return ProjLSTMGated(w_hh, b_hh, p["weight_hr"])
+            return LSTMGated(w_hh, b_hh)
+        if self.mode == "GRU":
+            return GRUGated(w_hh, b_hh)
+        return ElmanGated(w_hh, b_hh, "tanh" if self.mode == "RNN_TANH" else "relu")
+
+    def _check_hx(self, hx, batch: int, batched: bool, like: Tensor) -> tuple[Tensor, ...]:
+        """hx as a tuple of (L Dn, B, size) tensors (zeros when None)."""
+        name = type(self).__name__
+        sizes = self._state_sizes()
+        LD = self.num_layers * self._dirs
+        if hx is None:
+            return tuple(like.new_zeros(LD, batch, s) for s in sizes)
+        if self.mode == "LSTM":
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2
+                    and all(isinstance(t, Tensor) for t in hx)):
+                raise TypeError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors or None; "
+                                f"got {type(hx).__name__}")
+            parts, labels = tuple(hx), ("h_0", "c_0")
+        else:
+            if not isinstance(hx, Tensor):
+                raise TypeError(f"{name}: hx must be a torch.Tensor or None; got "
+                                f"{type(hx).__name__}")
+            parts, labels = (hx,), ("hx",)
+        out = []
+        for p, s, label in zip(parts, sizes, labels, strict=True):
+            want = (LD, batch, s) if batched else (LD, s)
+            if p.dim() != len(want):
+                kind = "3-D (batched)" if batched else "2-D (unbatched)"
+                raise ValueError(f"{name}: for {kind} input, {label} must be {len(want)}-D of "
+                                 f"shape {want}; got {p.dim()}-D shape {tuple(p.shape)}")
+            if tuple(p.shape) != want:
+                raise ValueError(f"{name}: {label} must have shape {want} (num_layers * "
+                                 f"num_directions, batch, size); got {tuple(p.shape)}")
+            if p.dtype != like.dtype or p.device != like.device:
+                raise ValueError(f"{name}: {label} must have the input's dtype and device "
+                                 f"({like.dtype}, {like.device}); got ({p.dtype}, {p.device})")
+            out.append(p if batched else p.unsqueeze(1))
+        return tuple(out)
+
+    def _check_input(self, x: object) -> Tensor:
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: input must be a torch.Tensor or a PackedSequence; got "
+                            f"{type(x).__name__}")
+        if x.dim() not in (2, 3):
+            raise ValueError(f"{name}: input must be 3-D (T, B, n) ((B, T, n) with "
+                             f"batch_first=True) or 2-D unbatched (T, n); got shape "
+                             f"{tuple(x.shape)}")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"{name}: input.size(-1) must equal input_size={self.input_size}; "
+                             f"got {x.shape[-1]}")
+        w = self.weight_ih_l0
+        if x.dtype != w.dtype or x.device != w.device:
+            raise ValueError(f"{name}: input has dtype {x.dtype} on {x.device} but the "
+                             f"parameters are {w.dtype} on {w.device}; convert one of them "
+                             f"(e.g. module.to(input.dtype))")
+        return x
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def _resolve_method(self, T: int, B: int, device: torch.device, training: bool) -> str:
+        if self.method != "auto":
+            return self.method
+        D = sum(self._state_sizes())
+        cell = self._cell(0, 0)
+        return choose_method(T, B, D, FlatCell(cell, StateLayout(self.mode == "LSTM",
+                                                                 self._state_sizes())),
+                             device, training)
+
+    def _wants_grad(self, x: Tensor, hx) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        parts = () if hx is None else (hx if isinstance(hx, (tuple, list)) else (hx,))
+        return (x.requires_grad or any(p.requires_grad for p in parts)
+                or any(p.requires_grad for p in self.parameters()))
+
+    def forward(self, input, hx=None):
+        """(output, h_n), or (output, (h_n, c_n)) for LSTM, as torch.nn's module returns.
+
+        input (T, B, n) ((B, T, n) with batch_first), (T, n) unbatched, or a PackedSequence;
+        hx (L Dn, B, Hout) (LSTM: (h_0, c_0) with c_0 (L Dn, B, H)), or None for zeros.
+        output (T, B, Dn Hout) (batch_first: (B, T, Dn Hout); a PackedSequence for packed
+        input); h_n (L Dn, B, Hout).
+        """
+        packed = isinstance(input, PackedSequence)
+        lengths = None
+        if packed:
+            data, batch_sizes, sorted_idx, unsorted_idx = input
+            self._check_input(data.unsqueeze(0))
+            T, B = batch_sizes.numel(), int(batch_sizes[0])
+            mask = (torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1))  # (T, B)
+            x = data.new_zeros(T, B, data.shape[-1])  # (T, B, n), sorted batch order
+            x[mask.to(data.device)] = data
+            lengths = mask.sum(0)  # (B,) in sorted order, non-increasing
+            batched = True
+            if hx is not None and sorted_idx is not None:
+                hx = _permute_hx(hx, sorted_idx)
+        else:
+            x = self._check_input(input)
+            batched = x.dim() == 3
+            if not batched:
+                x = x.unsqueeze(1)  # (T, 1, n)
+            elif self.batch_first:
+                x = x.transpose(0, 1)  # (T, B, n)
+            T, B = x.shape[:2]
+        state = self._check_hx(hx, B, batched, x)  # each (L Dn, B, size)
+        method = self._resolve_method(T, B, x.device, self._wants_grad(x, hx))
+        self.last_solve_info = []
+        if method == "sequential" and not self._diagonal:
+            out, state_n = self._native(x, state, batch_sizes if packed else None,
+                                        data if packed else None)
+            if packed:
+                return self._pack_out(out, input, state_n, unsorted_idx, native=True)
+        else:
+            out, state_n = self._parallel(x, state, lengths, method)  # (T, B, Dn Hout)
+            if packed:
+                return self._pack_out(out[mask.to(out.device)], input, state_n, unsorted_idx)
+        if not batched:
+            out = out.squeeze(1)
+            state_n = tuple(s.squeeze(1) for s in state_n)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (state_n if self.mode == "LSTM" else state_n[0])
+
+    def _pack_out(self, data: Tensor, input: PackedSequence, state_n, unsorted_idx,
+                  native: bool = False):
+        out = PackedSequence(data, input.batch_sizes, input.sorted_indices,
+                             input.unsorted_indices)
+        if unsorted_idx is not None:
+            state_n = tuple(s.index_select(1, unsorted_idx) for s in state_n)
+        return out, (state_n if self.mode == "LSTM" else state_n[0])
+
+    @torch.compiler.disable
+    def _native(self, x: Tensor, state: tuple[Tensor, ...], batch_sizes, data):
+        """torch's fused kernels over the whole stack: (T, B, Dn Hout) (or packed data)."""
+        fn = _NATIVE[self.mode]
+        hx = state if self.mode == "LSTM" else state[0]
+        args = (self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+                self.bidirectional)
+        if batch_sizes is not None:
+            res = fn(data, batch_sizes, hx, *args)
+        else:
+            res = fn(x, hx, *args, False)
+        out = res[0]
+        return out, tuple(res[1:])
+
+    def _parallel(self, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None,
+                  method: str):
+        """Layer by layer, direction by direction, each one ``solve_recurrence``."""
+        T, B = x.shape[:2]
+        finals: list[list[Tensor]] = [[] for _ in state]  # per state tensor, (B, size) each
+        tol = self.tol if self.tol is not None else DEFAULT_TOL.get(x.dtype, 1e-6)
+        layer_in = x  # (T, B, n)
+        rev_idx = None if lengths is None else _reverse_index(lengths.to(x.device), T)
+        last = None if lengths is None else (lengths.to(x.device) - 1)  # (B,)
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(self._dirs):
+                p = self._layer_params(layer, d)
+                gi = F.linear(layer_in, p["weight_ih"], p.get("bias_ih")).transpose(0, 1)
+                # gi: (B, T, K H)
+                if d == 1:
+                    gi = _flip(gi, rev_idx)
+                k = layer * self._dirs + d
+                h0 = tuple(s[k] for s in state)  # each (B, size)
+                states, info = solve_recurrence(
+                    self._cell(layer, d), gi, h0 if self.mode == "LSTM" else h0[0],
+                    method=method, tol=tol, max_iter=self.max_iter,
+                    on_failure=self.on_failure, return_info=True)
+                self.last_solve_info.append(info)
+                states = states if self.mode == "LSTM" else (states,)  # each (B, T, size)
+                for acc, s in zip(finals, states, strict=True):
+                    acc.append(s[:, -1] if last is None else
+                               s[torch.arange(B, device=s.device), last])
+                h_seq = states[0]  # (B, T, Hout)
+                outs.append(h_seq if d == 0 else _flip(h_seq, rev_idx))
+            out = torch.cat(outs, dim=-1).transpose(0, 1).contiguous()  # (T, B, Dn Hout)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                out = F.dropout(out, self.dropout, True)
+            layer_in = out
+        return layer_in, tuple(torch.stack(f) for f in finals)
+
+    # -- streaming -----------------------------------------------------------------------------
+
+    def step(self, input: Tensor, hx=None):
+        """One time step: (output_t, h_new) from input (B, n) (or unbatched (n,)) and hx in
+        forward's format (None: zeros). output_t is (B, Hout), the last layer's new h; h_new
+        is (L, B, Hout) (LSTM: (h, c)). Unidirectional modules only: a reverse direction needs
+        the future. ``forward`` over a sequence equals ``step`` applied along it."""
+        name = type(self).__name__
+        if self.bidirectional:
+            raise ValueError(f"{name}.step: a bidirectional module cannot run step by step "
+                             f"(its reverse direction reads the future); use forward")
+        if not isinstance(input, Tensor) or input.dim() not in (1, 2):
+            shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(f"{name}.step: input must be (B, n) or unbatched (n,); got {shape}")
+        x = self._check_input(input.unsqueeze(0))[0]
+        batched = x.dim() == 2
+        if not batched:
+            x = x.unsqueeze(0)  # (1, n)
+        state = self._check_hx(hx, x.shape[0], batched, x)
+        news: list[list[Tensor]] = [[] for _ in state]
+        inp = x  # (B, n)
+        for layer in range(self.num_layers):
+            p = self._layer_params(layer, 0)
+            gi = F.linear(inp, p["weight_ih"], p.get("bias_ih"))  # (B, K H)
+            h = tuple(s[layer] for s in state)
+            new = self._cell(layer, 0)(gi, h if self.mode == "LSTM" else h[0])
+            new = tuple(new) if self.mode == "LSTM" else (new,)
+            for acc, s in zip(news, new, strict=True):
+                acc.append(s)
+            inp = new[0]
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                inp = F.dropout(inp, self.dropout, True)
+        state_n = tuple(torch.stack(a) for a in news)  # each (L, B, size)
+        out = new[0]
+        if not batched:
+            out, state_n = out.squeeze(0), tuple(s.squeeze(1) for s in state_n)
+        return out, (state_n if self.mode == "LSTM" else state_n[0])
+
+
+def _permute_hx(hx, index: Tensor):
+    if isinstance(hx, (tuple, list)):
+        return tuple(h.index_select(1, index) for h in hx)
+    return hx.index_select(1, index)
+
+
+def _reverse_index(lengths: Tensor, T: int) -> Tensor:
+    """idx (B, T) with idx[b, t] = len_b - 1 - t for t < len_b, else t: reverses each
+    sequence inside its own length and leaves the padding where it is (an involution)."""
+    t = torch.arange(T, device=lengths.device).unsqueeze(0)  # (1, T)
+    L = lengths.unsqueeze(1)  # (B, 1)
+    return torch.where(t < L, L - 1 - t, t)  # (B, T)
+
+
+def _flip(x: Tensor, idx: Tensor | None) -> Tensor:
+    """x (B, T, F) reversed in time (within each sequence's length when idx is given)."""
+    if idx is None:
+        return x.flip(1)
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class RNN(_RNNBase):
+    """torch.nn.RNN (Elman, tanh or relu), parallel over time: same constructor, parameters,
+    state_dict and results, plus keyword-only ``method``, ``tol``, ``max_iter``,
+    ``on_failure`` (see ``paraseq.nn.rnn``)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None,
+                 **kwargs) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu'; got "
+                             f"{nonlinearity!r}")
+        mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+        super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, 0, device, dtype, **_solver_kwargs(kwargs))
+        self.nonlinearity = nonlinearity
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.nonlinearity == "tanh" else s + f", nonlinearity={self.nonlinearity!r}"
+
+
+class GRU(_RNNBase):
+    """torch.nn.GRU, parallel over time: same constructor, parameters, state_dict and results,
+    plus keyword-only ``method``, ``tol``, ``max_iter``, ``on_failure``."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, device=None, dtype=None, **kwargs) -> None:
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, 0, device, dtype, **_solver_kwargs(kwargs))
+
+
+class LSTM(_RNNBase):
+    """torch.nn.LSTM (with proj_size), parallel over time: same constructor, parameters,
+    state_dict and results, plus keyword-only ``method``, ``tol``, ``max_iter``,
+    ``on_failure``."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None,
+                 **kwargs) -> None:
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, proj_size, device, dtype,
+                         **_solver_kwargs(kwargs))
+
+
+class DiagGRU(_RNNBase):
+    """A GRU whose recurrent weights are diagonal (``paraseq.cells.DiagGRUCell`` per layer):
+    weight_hh_l{k} is a (3 H,) vector used elementwise, so unit i reads only its own past.
+    The Jacobian is diagonal, and exact Newton ("quasi_newton", which "auto" picks) costs
+    O(T H) per iteration. torch.nn.GRU's interface otherwise (layers, directions, dropout,
+    batch_first, packed input, step). ``method="sequential"`` is a Python loop over the cell
+    (no fused kernel exists for it)."""
+
+    _diagonal = True
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, device=None, dtype=None, **kwargs) -> None:
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, 0, device, dtype, **_solver_kwargs(kwargs))
+
+
+class DiagLSTM(_RNNBase):
+    """An LSTM whose recurrent weights are diagonal (``paraseq.cells.DiagLSTMCell`` per layer):
+    weight_hh_l{k} is a (4 H,) vector. Its Jacobian over [h, c] is four diagonal blocks;
+    "auto" (and "newton") use the exact dense form, "quasi_newton" the diagonal (a true
+    quasi-Newton here). torch.nn.LSTM's interface otherwise, without proj_size."""
+
+    _diagonal = True
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, device=None, dtype=None, **kwargs) -> None:
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, 0, device, dtype, **_solver_kwargs(kwargs))
+
+
+def _solver_kwargs(kwargs: dict) -> dict:
+    allowed = ("method", "tol", "max_iter", "on_failure")
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                        f"paraseq adds only {', '.join(map(repr, allowed))} to torch's "
+                        f"arguments")
+    return kwargs
