@@ -357,3 +357,25 @@ def test_module_defaults_are_tighter_than_the_solver():
     for dtype, tol in pnn.rnn.DEFAULT_TOL.items():
         assert tol <= SOLVE_TOL[dtype]
     assert math.isclose(pnn.rnn.DEFAULT_TOL[torch.float32], 1e-6)
+
+
+# ----------------------------------------------------------------------------- example
+
+
+def test_adding_problem_example_runs_and_curves_agree(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "adding_problem.py"
+    spec = importlib.util.spec_from_file_location("adding_problem", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    png = tmp_path / "adding.png"
+    rc = mod.main(["--length", "120", "--steps", "4", "--batch", "4", "--method", "newton",
+                   "--dtype", "float64", "--out", str(png)])
+    out = capsys.readouterr().out
+    assert rc == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    diff = float(out.split("loss curves:")[1].split()[0])
+    assert diff < 1e-10
+    assert "newton" in out and "speedup" in out
