@@ -54,8 +54,9 @@ def parallel_scan(
     a: Tensor, b: Tensor, x0: Tensor | None, *, dense: bool, reverse: bool = False
 ) -> Tensor:
     if reverse:
-        return _odd_even(flip_time(a, dense), b.flip(-2), x0, dense).flip(-2)
-    out = _odd_even(a, b, x0, dense)
+        out = _odd_even(flip_time(a, dense), b.flip(-2), x0, dense).flip(-2)
+    else:
+        out = _odd_even(a, b, x0, dense)
     batch = batch_shape_of(a, b, x0, dense)
     if out.shape[:-2] != batch:  # T == 1 with b narrower than a or x0
         out = out.expand(*batch, *out.shape[-2:]).contiguous()
