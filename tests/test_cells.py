@@ -319,3 +319,19 @@ def test_bad_input():
         GRUCell(3, 0)
     with pytest.raises(TypeError, match=r"input_size must be an int; got float"):
         DiagGRUCell(3.0, 4)
+
+
+def test_diag_lstm_blocks_are_its_dense_jacobian():
+    from paraseq.solve.cell import blocks_to_dense
+
+    cell = make("diag_lstm", 3, 5)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 3, dtype=F64, generator=g)
+    state = (torch.randn(6, 5, dtype=F64, generator=g), torch.randn(6, 5, dtype=F64, generator=g))
+    out, Jb = cell.forward_with_jacobian_blocks(x, state)
+    assert Jb.shape == (6, 5, 2, 2)
+    out_d, J = cell.forward_with_jacobian(x, state)
+    torch.testing.assert_close(blocks_to_dense(Jb), J, rtol=0, atol=1e-15)
+    assert torch.equal(flat(out), flat(out_d))
+    params = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    assert torch.equal(cells.diag_lstm_jacobian_blocks(x, state, *params)[1], Jb)

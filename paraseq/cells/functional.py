@@ -42,6 +42,7 @@ __all__ = [
     "diag_gru_jacobian_diagonal",
     "diag_lstm",
     "diag_lstm_jacobian",
+    "diag_lstm_jacobian_blocks",
     "diag_lstm_jacobian_diagonal",
     "elman",
     "elman_jacobian",
@@ -402,6 +403,16 @@ def _lstm_full_from_parts(parts, weight_hh):
     return (h_new, c_new), J
 
 
+def _lstm_blocks_from_parts(parts, weight_hh):
+    """A diagonal-recurrence LSTM's (h_new, c_new) and its Jacobian as H blocks of 2 x 2,
+    Jb (N, H, 2, 2): block i is [[dh_i/dh_i, dh_i/dc_i], [dc_i/dh_i, dc_i/dc_i]]."""
+    h_new, c_new, f, s, C = parts
+    w = weight_hh.view(4, -1)  # (4, H)
+    ch = (C[:, :3] * w[:3]).sum(1)  # (N, H) dc_new/dh
+    top = torch.stack([s * ch + C[:, 3] * w[3], s * f], dim=-1)  # (N, H, 2)
+    return (h_new, c_new), torch.stack([top, torch.stack([ch, f], dim=-1)], dim=-2)
+
+
 def _lstm_diagonal(fn, state, weight_ih, weight_hh, bias_ih, bias_hh, x, diagonal):
     h, c = _split_state(fn, state)
     _check(fn, x, (h, c), weight_ih, weight_hh, bias_ih, bias_hh, 4, diagonal)
@@ -470,6 +481,19 @@ def diag_lstm_jacobian(x: Tensor, state: tuple[Tensor, Tensor], weight_ih: Tenso
     blocks (dh/dh, dh/dc, dc/dh, dc/dc)."""
     return _lstm_jacobian("diag_lstm_jacobian", state, weight_ih, weight_hh, bias_ih, bias_hh,
                           x, True)
+
+
+def diag_lstm_jacobian_blocks(x: Tensor, state: tuple[Tensor, Tensor], weight_ih: Tensor,
+                              weight_hh: Tensor, bias_ih: Tensor | None = None,
+                              bias_hh: Tensor | None = None
+                              ) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    """``diag_lstm`` and its exact Jacobian as H blocks of 2 x 2, Jb (N, H, 2, 2): block i
+    couples h_i and c_i (``paraseq.solve.cell``'s block protocol, k = 2, G = H)."""
+    h, c = _split_state("diag_lstm_jacobian_blocks", state)
+    _check("diag_lstm_jacobian_blocks", x, (h, c), weight_ih, weight_hh, bias_ih, bias_hh, 4,
+           True)
+    return _lstm_blocks_from_parts(_lstm_parts(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh),
+                                   weight_hh)
 
 
 def diag_lstm_jacobian_diagonal(x: Tensor, state: tuple[Tensor, Tensor], weight_ih: Tensor,

@@ -237,7 +237,8 @@ class LSTMCell(_TupleCell):
 class DiagLSTMCell(_TupleCell):
     """The LSTM with diagonal recurrence (``paraseq.cells.functional.diag_lstm``): weight_hh is
     a (4 H,) vector used elementwise. Its Jacobian over [h, c] is four diagonal H x H blocks;
-    ``forward_with_jacobian`` returns them as the dense (N, 2 H, 2 H) matrix, and
+    ``forward_with_jacobian`` returns them as the dense (N, 2 H, 2 H) matrix,
+    ``forward_with_jacobian_blocks`` as H blocks of 2 x 2 (what Newton uses), and
     ``forward_with_jacobian_diagonal`` the diagonal of that matrix (dh/dh and dc/dc), which
     leaves out the dh/dc and dc/dh couplings. Parameters weight_ih (4 H, n), weight_hh (4 H,),
     bias_ih, bias_hh (4 H,), all uniform(-1/sqrt(H), 1/sqrt(H)). ``state_sizes`` is (H, H)."""
@@ -246,3 +247,10 @@ class DiagLSTMCell(_TupleCell):
     _fn = staticmethod(CF.diag_lstm)
     _fn_jacobian = staticmethod(CF.diag_lstm_jacobian)
     _fn_diagonal = staticmethod(CF.diag_lstm_jacobian_diagonal)
+
+    def forward_with_jacobian_blocks(self, x: Tensor, h: tuple[Tensor, Tensor] | None = None
+                                     ) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        """(h_new, c_new) and the exact Jacobian as H blocks of 2 x 2 (N, H, 2, 2), block i
+        over (h_i, c_i): Newton on these costs O(T H) (``paraseq.solve.cell``)."""
+        x, hc, _ = self._state(x, h, "forward_with_jacobian_blocks", True)
+        return CF.diag_lstm_jacobian_blocks(x, hc, *self._params())

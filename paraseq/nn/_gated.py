@@ -102,6 +102,15 @@ class LSTMGated(_Gated):
             CF._lstm_gated_parts(gi, h, c, self.weight_hh, self.bias_hh), self.weight_hh)
 
 
+class DiagLSTMGated(LSTMGated):
+    """The diagonal-recurrence LSTM, with its exact Jacobian as H blocks of 2 x 2."""
+
+    def forward_with_jacobian_blocks(self, gi, state):
+        h, c = state
+        return CF._lstm_blocks_from_parts(
+            CF._lstm_gated_parts(gi, h, c, self.weight_hh, self.bias_hh), self.weight_hh)
+
+
 class ProjLSTMGated(_Gated):
     """torch's LSTM with proj_size P: the state is (h (P), c (H)), h_new = W_hr (o tanh(c_new)),
     and weight_hh is (4 H, P). With m = o tanh(c_new) and W_k the (H, P) gate blocks:

@@ -18,12 +18,15 @@ from ..scan import linear_scan
 from .cell import FlatCell, State, StateLayout
 from .iterate import (
     LoopResult,
+    block_scan,
     evaluate,
     first_failure,
+    from_blocks,
     residual_map,
     run,
     sequential,
     shift,
+    to_blocks,
 )
 from .methods import JACOBIANS, METHODS, Method, resolve_jacobian
 
@@ -99,19 +102,20 @@ def choose_method(T: int, B: int, D: int, fc: FlatCell, device: torch.device,
       with torch.nn.GRUCell, T = 1e4..1e5 (README, benchmarks/solve.py): B = 1, D = 8 is 4x
       faster than the loop by Newton; B = 16, D = 8 is 4x slower.
     - A cell with ``jacobian_is_diagonal = True`` gets ``"quasi_newton"``, which is exact Newton
-      for it at O(B T D) per iteration; on a CPU while B D <= 4096 (x8 when training), beyond
-      which the loop's fixed per-step overhead is the smaller cost.
+      for it at O(B T D) per iteration, and one with ``forward_with_jacobian_blocks`` gets
+      ``"newton"`` on its k x k blocks (O(B T D k^2)); on a CPU while B D <= 4096 (x8 when
+      training), beyond which the loop's fixed per-step overhead is the smaller cost.
     - Other devices (CUDA): ``"newton"`` for 1 < D <= 64 (or an analytic full Jacobian), else
       ``"quasi_newton"``: the device is wide, and the loop's per-step launch overhead is what
       the parallel methods remove.
     """
     if T <= 64:
         return "sequential"
-    if fc.diag_exact:
+    if fc.diag_exact or fc.has_blocks:
         if device.type == "cpu" and B * D > _CPU_PARALLEL_WORK["diagonal"] * (
                 _CPU_TRAINING_FACTOR if training else 1):
             return "sequential"
-        return "quasi_newton"
+        return "quasi_newton" if fc.diag_exact else "newton"
     diag_only = fc.has_diag and not fc.has_full
     if device.type == "cpu":
         limit = _CPU_PARALLEL_WORK["analytic" if (fc.has_full or fc.has_diag) else "autograd"]
@@ -347,9 +351,14 @@ def solve_recurrence(
         with torch.no_grad():
             H0 = _default_init(fc, X, D, cell_dtype).to(work_dtype)
     dense_bytes = B * D * D * torch.finfo(work_dtype).bits // 8 * 4  # J, A*h and scan buffers
-    chunk_T = max(1, DENSE_MEMORY_LIMIT // max(dense_bytes, 1))
-    adjoint_chunk_T = max(1, DENSE_MEMORY_LIMIT // max(dense_bytes // D, 1)) if fc.diag_exact \
-        else chunk_T
+    # compact Jacobians: k x k blocks take k / D of the dense bytes (k <= 4 assumed), a
+    # diagonal 1 / D; damped_newton always forms the dense matrix
+    block_bytes = dense_bytes * 4 // D
+    blocks_fwd = fc.has_blocks and source == "analytic" and name != "damped_newton"
+    chunk_T = max(1, DENSE_MEMORY_LIMIT // max(block_bytes if blocks_fwd else dense_bytes, 1))
+    adjoint_bytes = dense_bytes // D if fc.diag_exact else \
+        block_bytes if fc.has_blocks else dense_bytes
+    adjoint_chunk_T = max(1, DENSE_MEMORY_LIMIT // max(adjoint_bytes, 1))
     loop_kw = dict(tol=tol, cell_dtype=cell_dtype, samples=hutchinson_samples,
                    generator=generator)
 
@@ -431,6 +440,7 @@ class _Adjoint:
                  chunk_T: int):
         self.fc, self.X, self.Hp, self.cell_dtype, self.chunk_T = fc, X, Hp, cell_dtype, chunk_T
         self.diagonal = fc.diag_exact
+        self.blocks = fc.has_blocks and not fc.diag_exact
 
     def __call__(self, g: Tensor) -> Tensor:
         fc, X, Hp = self.fc, self.X, self.Hp
@@ -443,10 +453,14 @@ class _Adjoint:
                 s = max(0, e - self.chunk_T)
                 rows_x = X[:, s:e].reshape(B * (e - s), -1)
                 rows_h = Hp[:, s:e].reshape(B * (e - s), D).to(self.cell_dtype)
+                blocks = fc.analytic_blocks(rows_x, rows_h) if self.blocks else None
                 if self.diagonal:  # J = diag(d): J^T = J, an elementwise reverse scan
                     res = fc.analytic_diag(rows_x, rows_h)
                     JT = (res if res is not None else fc.autograd_diag(rows_x, rows_h))[1]
                     JT = JT.reshape(B, e - s, D).to(Hp.dtype)  # (B, Tc, D)
+                elif blocks is not None:  # transposed diagonal blocks (B, Tc, G, k, k)
+                    Jb = blocks[1]
+                    JT = Jb.reshape(B, e - s, *Jb.shape[1:]).transpose(-1, -2).to(Hp.dtype)
                 else:
                     res = fc.analytic_full(rows_x, rows_h) if fc.has_full else None
                     J = (res if res is not None else fc.autograd_full(rows_x, rows_h))[1]
@@ -455,11 +469,18 @@ class _Adjoint:
                 gc = g[:, s:e].clone()
                 if carry is not None:
                     gc[:, -1] += carry
-                lam_c = linear_scan(coef, gc, reverse=True,
-                                    structure="diagonal" if self.diagonal else "dense")
+                if JT.dim() == 5:
+                    lam_c = block_scan(coef, gc, None, reverse=True)
+                else:
+                    lam_c = linear_scan(coef, gc, reverse=True,
+                                        structure="diagonal" if self.diagonal else "dense")
                 lam[:, s:e] = lam_c
                 if self.diagonal:
                     carry = JT[:, 0] * lam_c[:, 0]  # (B, D)
+                elif JT.dim() == 5:
+                    k = JT.shape[-1]
+                    carry = from_blocks(torch.matmul(
+                        JT[:, 0], to_blocks(lam_c[:, 0], k).unsqueeze(-1)).squeeze(-1))
                 else:
                     carry = torch.matmul(JT[:, 0], lam_c[:, 0].unsqueeze(-1)).squeeze(-1)
         return lam

@@ -15,6 +15,16 @@ defining either or both methods (paraseq.cells' built-in cells do):
     cell.forward_with_jacobian_diagonal(x, h) -> (h_new, d)   d: (N, D), the diagonal of J
 
 For tuple states, D and the indices refer to the concatenation of the tuple's tensors in order.
+A cell whose Jacobian is block diagonal after grouping its state (paraseq.cells'
+DiagLSTMCell: unit i of h and unit i of c form a 2 x 2 block) may also define
+
+    cell.forward_with_jacobian_blocks(x, h) -> (h_new, Jb)     Jb: (N, G, k, k)
+
+with D = k G and block g coupling the state entries g, G + g, ..., (k - 1) G + g (for
+a tuple state of k tensors of G features each: entry g of every tensor); entries in different
+blocks do not interact. Newton then scans G independent k x k recurrences: exact at O(T G k^3)
+instead of O(T D^3). The dense Jacobian must still be available (``forward_with_jacobian``)
+for damped_newton.
 A cell whose Jacobian is diagonal (each unit reads only its own past: paraseq.cells'
 DiagGRUCell) says so with the attribute ``jacobian_is_diagonal = True``; then the diagonal is
 the whole Jacobian, "auto" picks quasi_newton (which is exact Newton for it) and the implicit
@@ -107,6 +117,7 @@ class FlatCell:
         self.has_full = callable(getattr(cell, "forward_with_jacobian", None))
         self.has_diag = callable(getattr(cell, "forward_with_jacobian_diagonal", None))
         self.diag_exact = getattr(cell, "jacobian_is_diagonal", False) is True
+        self.has_blocks = callable(getattr(cell, "forward_with_jacobian_blocks", None))
 
     def __call__(self, x: Tensor, h: Tensor) -> Tensor:  # (N, n), (N, D) -> (N, D)
         out = self.cell(x, self.layout.unflatten(h))
@@ -125,6 +136,16 @@ class FlatCell:
             return None
         out, J = res
         return self.layout.flatten(tuple(out) if self.layout.is_tuple else out), J
+
+    def analytic_blocks(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor] | None:
+        """f and the Jacobian's diagonal blocks (N, G, k, k), or None."""
+        if not self.has_blocks:
+            return None
+        res = self.cell.forward_with_jacobian_blocks(x, self.layout.unflatten(h))
+        if res is NotImplemented:
+            return None
+        out, Jb = res
+        return self.layout.flatten(tuple(out) if self.layout.is_tuple else out), Jb
 
     def analytic_diag(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor] | None:
         if self.has_diag:
@@ -182,3 +203,12 @@ class FlatCell:
         v = (2 * v - 1).to(dtype=h.dtype, device=h.device)  # (K, N, D)
         out, rows = self._vjp_rows(x, h, v)
         return out, (v * rows).mean(0)
+
+
+def blocks_to_dense(Jb: Tensor) -> Tensor:
+    """The dense (..., D, D) Jacobian from diagonal blocks (..., G, k, k), D = k G, block g on
+    the entries g, G + g, ..., (k - 1) G + g."""
+    G, k = Jb.shape[-3], Jb.shape[-1]
+    # J[s G + g, r G + g] = Jb[g, s, r]: diagonal (G, G) matrices per (s, r)
+    diag = torch.diag_embed(Jb.movedim(-3, -1))  # (..., k, k, G, G)
+    return diag.transpose(-3, -2).reshape(*Jb.shape[:-3], k * G, k * G)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..scan import linear_scan
-from .cell import FlatCell
+from .cell import FlatCell, blocks_to_dense
 from .methods import Method, linearise
 
 LM_SHRINK = 0.3
@@ -81,15 +81,50 @@ def _lin(fc: FlatCell, method: Method, source: str | None, X: Tensor, Hp: Tensor
     return F, A
 
 
+def _lin_dense(fc, method, source, X, Hp, cell_dtype):
+    """``_lin`` with the Jacobian always dense (B, T, D, D) (damped_newton's normal matrix)."""
+    F, J = _lin(fc, method, source, X, Hp, cell_dtype, 0, None)
+    return F, (blocks_to_dense(J) if J is not None and J.dim() == 5 else J)
+
+
 def newton_step(method: Method, F: Tensor, A: Tensor | None, Hp: Tensor, h0: Tensor) -> Tensor:
     """Solve h_t = A_t h_{t-1} + (f_t - A_t h^(k)_{t-1}), h_0 = h0, by one scan."""
     if method.structure == "zero":
         return F.clone()
     if method.structure == "identity":
         return linear_scan(torch.ones_like(F), F - Hp, h0, structure="diagonal")
+    if A is not None and A.dim() == 5:  # diagonal blocks (B, T, G, k, k)
+        return _block_step(F, A, Hp, h0)
     dense = method.structure == "dense"
     AHp = torch.matmul(A, Hp.unsqueeze(-1)).squeeze(-1) if dense else A * Hp
     return linear_scan(A, F - AHp, h0, structure="dense" if dense else "diagonal")
+
+
+def to_blocks(V: Tensor, k: int) -> Tensor:
+    """(..., D) -> (..., G, k): entry s G + g goes to [g, s] (see ``blocks_to_dense``)."""
+    return V.unflatten(-1, (k, V.shape[-1] // k)).transpose(-1, -2)
+
+
+def from_blocks(V: Tensor) -> Tensor:
+    """(..., G, k) -> (..., D), the inverse of ``to_blocks``."""
+    return V.transpose(-1, -2).flatten(-2)
+
+
+def block_scan(A: Tensor, b: Tensor, h0: Tensor | None, reverse: bool = False) -> Tensor:
+    """x_t = A_t x_{t-1} + b_t for block-diagonal A (B, T, G, k, k), b (B, T, D): G
+    independent k x k recurrences, one dense scan over the batch (B, G)."""
+    k = A.shape[-1]
+    a = A.transpose(1, 2)  # (B, G, T, k, k)
+    bb = to_blocks(b, k).transpose(1, 2)  # (B, G, T, k)
+    x0 = None if h0 is None else to_blocks(h0, k)  # (B, G, k)
+    x = linear_scan(a, bb, x0, reverse=reverse, structure="dense")  # (B, G, T, k)
+    return from_blocks(x.transpose(1, 2))  # (B, T, D)
+
+
+def _block_step(F: Tensor, A: Tensor, Hp: Tensor, h0: Tensor) -> Tensor:
+    k = A.shape[-1]
+    AHp = from_blocks(torch.matmul(A, to_blocks(Hp, k).unsqueeze(-1)).squeeze(-1))  # (B, T, D)
+    return block_scan(A, F - AHp, h0)
 
 
 def run(fc: FlatCell, method: Method, source: str | None, X: Tensor, h0: Tensor, H: Tensor, *,
@@ -153,7 +188,7 @@ def _levenberg_marquardt(fc: FlatCell, method: Method, source: str | None, X: Te
     lam = 0.0  # start as Newton; damp only once a full step fails to help
     eye = torch.eye(D, dtype=H.dtype, device=H.device)
     Hp = shift(H, h0)
-    F, J = _lin(fc, method, source, X, Hp, cell_dtype, 0, None)  # J: (B, T, D, D)
+    F, J = _lin_dense(fc, method, source, X, Hp, cell_dtype)  # J: (B, T, D, D)
     best, since_best = float("inf"), 0
     k = 0
     while True:
@@ -186,7 +221,7 @@ def _levenberg_marquardt(fc: FlatCell, method: Method, source: str | None, X: Te
                     lam = max(10.0 * lam, 1e-3)
                     continue
             H_try = H_try if fixed_iterations else _sanitize(H_try)
-            F_try, J_try = _lin(fc, method, source, X, shift(H_try, h0), cell_dtype, 0, None)
+            F_try, J_try = _lin_dense(fc, method, source, X, shift(H_try, h0), cell_dtype)
             sq_try = ((H_try - F_try).detach() ** 2).sum()
             if bool(sq_try < sq) or fixed_iterations:
                 lam = lam * LM_SHRINK if lam * LM_SHRINK >= 1e-6 else 0.0

@@ -46,7 +46,8 @@ def resolve_jacobian(method: Method, jacobian: str, fc: FlatCell) -> str | None:
     """The Jacobian source a method will use, or None for methods that need none."""
     if method.structure not in ("dense", "diagonal"):
         return None
-    has = fc.has_full if method.structure == "dense" else (fc.has_diag or fc.has_full)
+    has = (fc.has_full or fc.has_blocks) if method.structure == "dense" else \
+        (fc.has_diag or fc.has_full)
     if jacobian == "auto":
         return "analytic" if has else "autograd"
     if jacobian == "analytic" and not has:
@@ -64,9 +65,13 @@ def resolve_jacobian(method: Method, jacobian: str, fc: FlatCell) -> str | None:
 def linearise(fc: FlatCell, method: Method, source: str | None, x: Tensor, h: Tensor, *,
               samples: int = 8, generator: torch.Generator | None = None
               ) -> tuple[Tensor, Tensor | None]:
-    """f(x, h) on all rows and the method's A: (N, D, D), (N, D), or None (identity / zero)."""
+    """f(x, h) on all rows and the method's A: (N, D, D), (N, D), or None (identity / zero).
+    A dense method gets the diagonal blocks (N, G, k, k) instead when the cell provides them
+    (``forward_with_jacobian_blocks``): the same matrix, stored compactly."""
     if method.structure == "dense":
-        res = fc.analytic_full(x, h) if source == "analytic" else None
+        res = fc.analytic_blocks(x, h) if source == "analytic" else None
+        if res is None and source == "analytic":
+            res = fc.analytic_full(x, h)
         return res if res is not None else fc.autograd_full(x, h)
     if method.structure == "diagonal":
         if source == "hutchinson":
