@@ -84,7 +84,7 @@ _CPU_TRAINING_FACTOR = 8
 
 
 def choose_method(T: int, B: int, D: int, fc: FlatCell, device: torch.device,
-                  training: bool = False) -> str:
+                  training: bool = False, training_factor: float = _CPU_TRAINING_FACTOR) -> str:
     """The rule behind ``method="auto"``.
 
     - T <= 64: ``"sequential"``: a few dozen steps cost less than a few Newton iterations.
@@ -100,7 +100,9 @@ def choose_method(T: int, B: int, D: int, fc: FlatCell, device: torch.device,
       diagonal, or D = 1 (where the diagonal is the Jacobian), gets ``"quasi_newton"``, whose
       elementwise scan is cheaper than a dense one. Measured on this project's 2-core CPU
       with torch.nn.GRUCell, T = 1e4..1e5 (README, benchmarks/solve.py): B = 1, D = 8 is 4x
-      faster than the loop by Newton; B = 16, D = 8 is 4x slower.
+      faster than the loop by Newton; B = 16, D = 8 is 4x slower. ``training_factor``
+      replaces the 8 where the sequential path is a fused kernel whose backward costs only
+      about twice its forward (paraseq.nn's torch.nn kernels: 2).
     - A cell with ``jacobian_is_diagonal = True`` gets ``"quasi_newton"``, which is exact Newton
       for it at O(B T D) per iteration, and one with ``forward_with_jacobian_blocks`` gets
       ``"newton"`` on its k x k blocks (O(B T D k^2)); on a CPU while B D <= 4096 (x8 when
@@ -113,13 +115,13 @@ def choose_method(T: int, B: int, D: int, fc: FlatCell, device: torch.device,
         return "sequential"
     if fc.diag_exact or fc.has_blocks:
         if device.type == "cpu" and B * D > _CPU_PARALLEL_WORK["diagonal"] * (
-                _CPU_TRAINING_FACTOR if training else 1):
+                training_factor if training else 1):
             return "sequential"
         return "quasi_newton" if fc.diag_exact else "newton"
     diag_only = fc.has_diag and not fc.has_full
     if device.type == "cpu":
         limit = _CPU_PARALLEL_WORK["analytic" if (fc.has_full or fc.has_diag) else "autograd"]
-        if B * D * D > limit * (_CPU_TRAINING_FACTOR if training else 1):
+        if B * D * D > limit * (training_factor if training else 1):
             return "sequential"
         return "quasi_newton" if (diag_only or D == 1) else "newton"
     if D == 1 or diag_only or (D > 64 and not fc.has_full):
