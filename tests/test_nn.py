@@ -379,3 +379,11 @@ def test_adding_problem_example_runs_and_curves_agree(tmp_path, capsys):
     diff = float(out.split("loss curves:")[1].split()[0])
     assert diff < 1e-10
     assert "newton" in out and "speedup" in out
+
+
+def test_empty_batch_and_empty_sequence():
+    m = pnn.GRU(3, 4, num_layers=2, method="newton")
+    y, h = m(torch.randn(5, 0, 3))
+    assert y.shape == (5, 0, 4) and h.shape == (2, 0, 4)
+    with pytest.raises(ValueError, match="at least one time step"):
+        m(torch.randn(0, 2, 3))

@@ -345,10 +345,15 @@ class _RNNBase(nn.Module):
             elif self.batch_first:
                 x = x.transpose(0, 1)  # (T, B, n)
             T, B = x.shape[:2]
+        if T == 0:
+            raise ValueError(f"{type(self).__name__}: input must have at least one time step "
+                             f"(torch.nn's modules require it too); got T = 0")
         state = self._check_hx(hx, B, batched, x)  # each (L Dn, B, size)
         method = self._resolve_method(T, B, x.device, self._wants_grad(x, hx))
         self.last_solve_info = []
-        if method == "sequential" and not self._diagonal:
+        if B == 0:  # an empty batch: nothing to run
+            out, state_n = x.new_zeros(T, 0, self._dirs * self._hout), state
+        elif method == "sequential" and not self._diagonal:
             out, state_n = self._native(x, state, batch_sizes if packed else None,
                                         data if packed else None)
             if packed:
