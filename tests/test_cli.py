@@ -43,3 +43,22 @@ def test_bench_helpers():
     table = format_table(["a", "bb"], [["x", 1], ["yyy", 22]])
     lines = table.splitlines()
     assert lines[0].split() == ["a", "bb"] and len({len(line) for line in lines}) == 1
+
+
+def test_bench_small_grid_writes_table_csv_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rc = main(["bench", "--hidden", "1", "2", "--lengths", "80", "--batches", "2",
+               "--repeats", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for word in ("torch.nn.GRU ms", "auto path", "speedup", "fwd+bwd", "geometric-mean"):
+        assert word in out
+    lines = (tmp_path / "bench.csv").read_text().splitlines()
+    assert len(lines) == 1 + 4  # header, 2 hidden x 2 passes
+    assert "max_err" in lines[0]
+    assert (tmp_path / "bench_speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_bad_grid(capsys):
+    assert main(["bench", "--hidden", "0", "--no-plot"]) == 2
+    assert "--hidden must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,94 @@
+"""The ``bench`` subcommand: see ``paraseq.bench.grid``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="paraseq.nn.GRU against torch.nn.GRU over a grid "
+                                     "(table, CSV, speedup plot)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run (hidden 1 and 8, T = 1e3): well under a minute")
+    p.add_argument("--passes", choices=["fwd", "fwd+bwd", "both"], default="both")
+    p.add_argument("--out", default="paraseq-out",
+                   help="folder for bench.csv and bench_speedup.png (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+    p.add_argument("--budget", type=float, default=10.0,
+                   help="seconds of timed runs per measurement, at most (default: %(default)s)")
+    p.add_argument("--skip-after", type=float, default=60.0,
+                   help="skip a measurement estimated (from the shorter T) above this many "
+                        "seconds (default: %(default)s)")
+    p.add_argument("--hidden", type=int, nargs="+", help="hidden sizes (overrides the grid's)")
+    p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths T (overrides)")
+    p.add_argument("--batches", type=int, nargs="+", help="batch sizes (overrides)")
+    p.add_argument("--markdown", action="store_true", help="print a GitHub markdown table")
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli import _progress
+    from .grid import FULL_GRID, QUICK_GRID, geometric_mean, measure, plot, table, workloads
+    from .grid import write_csv as save_csv
+
+    if args.repeats < 1 or args.budget <= 0:
+        print("error: --repeats must be >= 1 and --budget > 0", file=sys.stderr)
+        return 2
+    grid = dict(QUICK_GRID if args.quick else FULL_GRID)
+    for key, flag in (("hidden", "hidden"), ("T", "lengths"), ("batch", "batches")):
+        values = getattr(args, flag)
+        if values is not None:
+            if min(values) < 1:
+                print(f"error: --{flag} must be >= 1", file=sys.stderr)
+                return 2
+            grid[key] = tuple(values)
+    passes = {"fwd": (False,), "fwd+bwd": (True,), "both": (False, True)}[args.passes]
+    jobs = workloads(grid, passes)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"paraseq bench on {_cpu()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load {load:.2f}, {datetime.date.today()}")
+    print("GRU, input size = hidden, float32; speedup = torch.nn.GRU time / paraseq.nn.GRU "
+          "(method='auto') time, measured in this run")
+    repeats = min(args.repeats, 3) if args.quick else args.repeats
+    results, history = [], {}
+    t0 = time.perf_counter()
+    _progress(0, len(jobs), "")
+    for i, w in enumerate(jobs, 1):
+        results.append(measure(w, repeats=repeats, budget=args.budget, history=history,
+                               skip_after=args.skip_after))
+        _progress(i, len(jobs), f"{w.pass_} hidden {w.hidden} batch {w.batch} T {w.T:.0e}")
+    print()
+    print(table(results, args.markdown))
+    for pass_ in sorted({r.pass_ for r in results}):
+        sel = [r.speedup for r in results if r.pass_ == pass_]
+        worst = min((s for s in sel if s is not None), default=float("nan"))
+        print(f"{pass_}: geometric-mean speedup {geometric_mean(sel):.2f}x, worst {worst:.2f}x")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_csv(results, out / "bench.csv")
+    print(f"\nCSV saved to {out / 'bench.csv'}")
+    if not args.no_plot:
+        path = plot(results, out / "bench_speedup.png")
+        if path is not None:
+            print(f"plot saved to {path}")
+    print(f"bench finished in {time.perf_counter() - t0:.1f} s")
+    return 0
