@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import paraseq.nn as pnn
+from paraseq.cells import compiled
 from paraseq.solve.methods import METHODS
 
 ALL_METHODS = ["auto", *METHODS]
@@ -193,10 +194,28 @@ def test_auto_is_parallel_for_long_sequences_and_native_for_short(mode):
     x = torch.randn(2000, 1, 2)
     with torch.no_grad():
         _compare(ref, ours, x, None, torch.float32, check_grad=False)
-    assert ours.last_solve_info and ours.last_solve_info[0].method == "newton"
-    assert all(i.converged and not i.fell_back for i in ours.last_solve_info)
+    if mode == "GRU" and compiled.AVAILABLE:  # small B H: the compiled loop
+        assert ours.last_path == "compiled loop" and ours.last_solve_info == []
+    else:
+        assert ours.last_solve_info and ours.last_solve_info[0].method == "newton"
+        assert all(i.converged and not i.fell_back for i in ours.last_solve_info)
+        assert ours.last_path == "parallel (newton)"
     ours(x[:30])
-    assert ours.last_solve_info == []  # short: torch's fused kernel
+    assert ours.last_solve_info == []  # short: a loop
+    assert ours.last_path in ("torch kernel", "compiled loop")
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_gru_sequential_paths_both_match_torch(batch_first):
+    """Wide (B H > 256): torch's kernel; narrow: the compiled loop (where numba is present)."""
+    for B, H in ((40, 8), (2, 8)):
+        ref, ours = _pair("GRU", B, torch.float64, input_size=3, hidden_size=H, num_layers=2,
+                          bidirectional=True, batch_first=batch_first, method="sequential")
+        x = torch.randn((B, 50, 3) if batch_first else (50, B, 3), dtype=torch.float64,
+                        requires_grad=True)
+        _compare(ref, ours, x, None, torch.float64)
+        narrow = B * H <= 256 and compiled.AVAILABLE
+        assert ours.last_path == ("compiled loop" if narrow else "torch kernel")
 
 
 def test_gradcheck_parallel_path():
@@ -287,7 +306,8 @@ def test_diagonal_modules_match_their_loop(mode, dtype):
     torch.manual_seed(0)
     seq = getattr(pnn, mode)(3, 6, num_layers=2, bidirectional=True, method="sequential")
     seq = seq.to(dtype)
-    par = getattr(pnn, mode)(3, 6, num_layers=2, bidirectional=True).to(dtype)
+    method = "quasi_newton" if mode == "DiagGRU" else "auto"  # auto: the compiled loop
+    par = getattr(pnn, mode)(3, 6, num_layers=2, bidirectional=True, method=method).to(dtype)
     par.load_state_dict(seq.state_dict())
     assert seq.weight_hh_l0.shape == ((18,) if mode == "DiagGRU" else (24,))
     x = torch.randn(300, 2, 3, dtype=dtype, requires_grad=True)
@@ -299,7 +319,7 @@ def test_diagonal_modules_match_their_loop(mode, dtype):
 
 def test_diag_gru_converges_in_a_few_newton_iterations_at_any_length():
     torch.manual_seed(0)
-    m = pnn.DiagGRU(4, 16).double()
+    m = pnn.DiagGRU(4, 16, method="quasi_newton").double()  # exact Newton for it
     for T in (100, 3000, 20000):
         with torch.no_grad():
             m(torch.randn(T, 2, 4, dtype=torch.float64))

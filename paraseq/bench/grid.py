@@ -5,7 +5,8 @@ batch_first, run forward (under no_grad) or forward+backward (loss = sum of the 
 gradients to the input and every weight). For each one the bench times, in the same run:
 
 - torch.nn.GRU (what users would otherwise run; the speedups are its time over ours),
-- paraseq.nn.GRU with method="auto" (the path paraseq picks: the speedup users get),
+- paraseq.nn.GRU with method="auto" (the path paraseq picks: the speedup users get; on a CPU
+  often the compiled loop of ``paraseq.cells.compiled``),
 - paraseq.nn.GRU with method="newton" forced (the parallel path, whatever auto would do),
 
 and records the path auto chose, its Newton iterations, and the largest error of its output
@@ -117,7 +118,7 @@ def measure(w: Workload, *, repeats: int, budget: float, history: dict,
     with torch.set_grad_enabled(w.backward):  # auto's choice depends on the grad mode
         got = auto(x)[0]
     infos = auto.last_solve_info
-    path = infos[0].method if infos else "torch kernel"
+    path = auto.last_path
     newton_iters = None
     if times["newton"] is not None:
         with torch.no_grad():
