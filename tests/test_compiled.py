@@ -59,3 +59,12 @@ def test_supported_only_on_cpu_float32_float64():
     assert compiled.supported(torch.zeros(1))
     assert compiled.supported(torch.zeros(1, dtype=torch.float64))
     assert not compiled.supported(torch.zeros(1, dtype=torch.bfloat16))
+
+
+def test_fast_tanh_is_within_4e7_of_tanh_in_float32():
+    import numpy as np
+
+    xs = np.linspace(-12.0, 12.0, 24001).astype(np.float32)
+    got = np.array([compiled._fast_tanh(np.float32(x)) for x in xs], dtype=np.float32)
+    assert np.abs(got.astype(np.float64) - np.tanh(xs.astype(np.float64))).max() < 4e-7
+    assert compiled._fast_tanh(np.float32(0.0)) == 0.0
