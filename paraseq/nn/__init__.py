@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from .rnn import GRU, LSTM, RNN, DiagGRU, DiagLSTM
+from .s4 import S4, S4D, S4Block
 
-__all__ = ["GRU", "LSTM", "RNN", "DiagGRU", "DiagLSTM"]
+__all__ = ["GRU", "LSTM", "RNN", "S4", "S4D", "DiagGRU", "DiagLSTM", "S4Block"]
