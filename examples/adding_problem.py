@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<15} {times[name]:7.2f} s   first loss {curves[name][0]:.4f}, "
               f"last 10 mean {sum(curves[name][-10:]) / len(curves[name][-10:]):.4f}")
     info = ours.rnn.last_solve_info
-    how = f"{info[0].method}, {info[0].iterations} iterations" if info else "torch's kernel"
+    how = ours.rnn.last_path + (f", {info[0].iterations} iterations" if info else "")
     a, b = curves["paraseq.nn.GRU"], curves["torch.nn.GRU"]
     diff = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
     print(f"  paraseq.nn.GRU ran {how} (last step)")

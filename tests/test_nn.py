@@ -398,7 +398,7 @@ def test_adding_problem_example_runs_and_curves_agree(tmp_path, capsys):
     assert rc == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     diff = float(out.split("loss curves:")[1].split()[0])
     assert diff < 1e-10
-    assert "newton" in out and "speedup" in out
+    assert "parallel (newton)" in out and "speedup" in out
 
 
 def test_empty_batch_and_empty_sequence():
