@@ -21,7 +21,7 @@ def _progress(i: int, n: int, label: str) -> None:
     if sys.stderr.isatty():
         end = "\n" if i == n else ""
         print(f"\r{text:<78}", end=end, file=sys.stderr, flush=True)
-    elif i == n or i == 0:
+    else:  # a log: one line per item
         print(text, file=sys.stderr, flush=True)
 
 
