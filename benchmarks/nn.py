@@ -31,19 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import paraseq.nn as pnn
-from paraseq.bench import format_table, time_call
+from paraseq.bench import cpu_name, format_table, time_call
 
 N_IN = 4
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def _timed(module, x, backward: bool, repeats: int):

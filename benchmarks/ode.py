@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import platform
 import sys
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from paraseq import odeint
-from paraseq.bench import format_table, time_call
+from paraseq.bench import cpu_name, format_table, time_call
 
 D, HIDDEN = 4, 32
 
@@ -71,14 +70,6 @@ def rk4_loop(f, y0, t):
     return torch.stack(ys)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def runner(name: str, f, y0, t, backward: bool):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import platform
 import sys
 from pathlib import Path
 
@@ -27,19 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from paraseq import solve_recurrence
-from paraseq.bench import format_table, time_call
+from paraseq.bench import cpu_name, format_table, time_call
 
 METHODS = ["newton", "quasi_newton", "auto"]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def gru_pair(D: int, seed: int) -> tuple[torch.nn.GRUCell, torch.nn.GRU]:

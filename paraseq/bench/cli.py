@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,20 +34,13 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import _progress
     from .grid import FULL_GRID, QUICK_GRID, geometric_mean, measure, plot, table, workloads
     from .grid import write_csv as save_csv
+    from .timing import cpu_name
 
     if args.repeats < 1 or args.budget <= 0:
         print("error: --repeats must be >= 1 and --budget > 0", file=sys.stderr)
@@ -64,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     passes = {"fwd": (False,), "fwd+bwd": (True,), "both": (False, True)}[args.passes]
     jobs = workloads(grid, passes)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"paraseq bench on {_cpu()}, torch {torch.__version__}, "
+    print(f"paraseq bench on {cpu_name()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load {load:.2f}, {datetime.date.today()}")
     print("GRU, input size = hidden, float32; speedup = torch.nn.GRU time / paraseq.nn.GRU "
           "(method='auto') time, measured in this run")

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..cli import _pyplot
+
 EXAMPLES = ("competition", "mathieu", "pendulum", "vanderpol", "lorenz")
 
 
@@ -171,16 +173,6 @@ def _table(cases: list[Case], args) -> None:
           f"{args.max_sequential} steps.")
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("\n(no plot: matplotlib is missing; pip install 'paraseq[plots]')")
-        return None
-    return plt
 
 
 def _save(plt, fig, path: str) -> None:

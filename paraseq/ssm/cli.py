@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..cli import _pyplot
+
 
 def register(sub) -> None:
     """Add the ``hippo`` and ``s4`` subcommands to the paraseq command line."""
@@ -54,16 +56,6 @@ def register(sub) -> None:
     s.set_defaults(func=cmd_s4)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("\n(no plot: matplotlib is missing; pip install 'paraseq[plots]')")
-        return None
-    return plt
 
 
 def _positive(args: argparse.Namespace, *names: str) -> bool:
