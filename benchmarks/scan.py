@@ -1,24 +1,36 @@
 """Time the ``paraseq.linear_scan`` backends on CPU.
 
     python benchmarks/scan.py [--quick] [--csv PATH] [--markdown]
+    python benchmarks/scan.py --first-call
 
 Grid: float32, diagonal a, forward, no x0; T in {1e3, 1e4, 1e5, 1e6} and B*D in {1, 64, 4096},
 as tensors of shape (B, T, D) with D = min(B*D, 64) and B = B*D / D. Cells of more than 2^27
 elements are skipped (memory). a is uniform in [0, 1), b standard normal, drawn once per cell
 from a fixed seed.
 
-Every backend in ``paraseq.scan.BACKENDS``, the private ``hillis_steele_scan`` (the O(T log T)
-alternative to the odd-even reduction of "parallel") and ``backend="auto"`` are timed as: one
-warm-up call, then the median of N timed calls (N = 5; 3 for cells over 1e7 elements and with
---quick). The sequential backend is a Python loop over T: from T = 1e5 on it is timed with a
+Every available backend in ``paraseq.scan.BACKENDS`` ("numba" when numba is installed), the
+private ``hillis_steele_scan`` (the O(T log T) alternative to the odd-even reduction of
+"parallel"), the numba kernel writing into a preallocated result (column "numba_out": the
+kernel alone, without the page faults and zeroing of a fresh result, which for results over
+glibc's 32 MiB mmap threshold cost about as much again) and ``backend="auto"`` are timed as:
+one warm-up call, then the median of N timed calls (N = 5; 3 for cells over 1e7 elements and
+with --quick). The sequential backend is a Python loop over T: from T = 1e5 on it is timed with a
 single call, and at T = 1e6 it is not run; its time there is estimated as 10x its time on the
 cell's first 1e5 steps (marked "~").
 
 Reported per backend: time, speedup over sequential, max abs error against a float64 reference
 (the sequential loop on .double() inputs; at T = 1e6 the float64 "parallel" backend instead),
 and effective bandwidth, 12 bytes per element (read a, read b, write x in float32) / time. The
-same bytes moved by ``torch.add(a, b, out=x)`` (read 8, write 4 per element), timed the same way,
-is the "memcpy" roofline each scan's bandwidth is compared with.
+same bytes moved by ``torch.add(a, b, out=x)`` (read 8, write 4 per element) and by a numba
+kernel doing the same on the scans' thread pool (``paraseq.scan.compiled.add_reference``), timed
+the same way in the same run, are the "copy" roofline: each scan's bandwidth is shown as a
+percentage of the faster of the two. ``torch.add(a, b)`` into a fresh result (column "new
+result") is shown beside them: it pays the page faults of a new tensor as every scan does.
+The load average is recorded at the start and the end.
+
+``--first-call`` instead times, in fresh subprocesses, ``import paraseq`` and the first and
+second calls of the numba backend, once with an empty numba cache (the compile) and once with
+the cache that run left (the cache load), for the three kernels.
 
 The text tables go to stdout (GitHub markdown with --markdown), progress to stderr, and --csv
 writes one row per (cell, backend) with every number.
@@ -29,11 +41,14 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +57,7 @@ import torch
 from torch import Tensor
 
 import paraseq
-from paraseq.scan import BACKENDS
+from paraseq.scan import BACKENDS, compiled
 from paraseq.scan.api import choose_backend
 from paraseq.scan.parallel import hillis_steele_scan
 
@@ -59,7 +74,9 @@ SEQ_ESTIMATE_T = 1_000_000  # sequential: estimated from its first SEQ_SINGLE_T 
 REF_PARALLEL_T = 1_000_000  # float64 reference by "parallel" instead of "sequential" from here on
 BYTES_PER_ELEMENT = 12  # float32: read a, read b, write x
 SEED = 0
-AUTO, HILLIS, MEMCPY = "auto", "hillis_steele", "memcpy"
+AUTO, HILLIS, MEMCPY, COPY_NUMBA = "auto", "hillis_steele", "memcpy", "copy_numba"
+NUMBA_OUT = "numba_out"  # the numba backend writing into a preallocated result
+ADD_NEW = "add_new_result"  # torch.add(a, b) without out=: pays for a fresh result like a scan
 
 
 @dataclass
@@ -78,7 +95,9 @@ class Cell:
     D: int
     skipped: bool = False
     reference: str = ""  # backend that computed the float64 reference
-    memcpy: Timing | None = None
+    memcpy: Timing | None = None  # torch.add(a, b, out=x)
+    copy_numba: Timing | None = None  # the same bytes by a numba kernel on the scans' threads
+    add_new: Timing | None = None  # torch.add(a, b) into a fresh result, as linear_scan returns
     timings: dict[str, Timing] = field(default_factory=dict)  # backend name -> timing
     auto_pick: str = ""
 
@@ -89,13 +108,21 @@ class Cell:
     def gbps(self, seconds: float) -> float:
         return BYTES_PER_ELEMENT * self.elements / seconds / 1e9
 
+    @property
+    def copy_seconds(self) -> float:
+        """The roofline: the faster of the two copies."""
+        copies = [c.seconds for c in (self.memcpy, self.copy_numba) if c is not None]
+        return min(copies)
+
     def speedup(self, name: str) -> float:
         return self.timings["sequential"].seconds / self.timings[name].seconds
 
 
 def backend_names() -> list[str]:
-    """The backends timed as table columns: the registry's available ones, then Hillis-Steele."""
-    return [name for name, b in BACKENDS.items() if b.is_available()] + [HILLIS]
+    """The backends timed as table columns: the registry's available ones, then Hillis-Steele
+    and (with numba) the numba kernel into a preallocated result."""
+    names = [name for name, b in BACKENDS.items() if b.is_available()] + [HILLIS]
+    return names + ([NUMBA_OUT] if compiled.AVAILABLE else [])
 
 
 def cpu_model() -> str:
@@ -109,8 +136,12 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def load_average() -> str:
+    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "unknown"
+
+
 def machine_line() -> str:
-    load = f", load average at start: {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    load = f", load average at start: {load_average()}"
     return (f"paraseq {paraseq.__version__}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, CPU: {cpu_model()}, "
             f"date: {datetime.date.today().isoformat()}{load}")
@@ -141,6 +172,15 @@ def time_memcpy(a: Tensor, b: Tensor, reps: int) -> Timing:
     return Timing(seconds, reps)
 
 
+def time_copy_numba(a: Tensor, b: Tensor, reps: int) -> Timing | None:
+    """The same bytes by a numba kernel on the thread pool the numba scans use."""
+    if not compiled.AVAILABLE:
+        return None
+    out = torch.empty_like(a)  # (B, T, D)
+    seconds, _ = median_time(lambda: compiled.add_reference(a, b, out), reps)
+    return Timing(seconds, reps)
+
+
 def time_backend(name: str, a: Tensor, b: Tensor, ref: Tensor, reps: int) -> Timing:
     """Time one backend on a (B, T, D) cell and check it against the float64 reference."""
     T = a.shape[-2]
@@ -153,6 +193,11 @@ def time_backend(name: str, a: Tensor, b: Tensor, ref: Tensor, reps: int) -> Tim
     if name == HILLIS:
         def fn() -> Tensor:
             return hillis_steele_scan(a, b, None, dense=False)  # (B, T, D)
+    elif name == NUMBA_OUT:
+        out = torch.empty_like(a)  # (B, T, D)
+
+        def fn() -> Tensor:
+            return compiled.numba_scan(a, b, None, dense=False, out=out)  # (B, T, D)
     else:
         def fn() -> Tensor:
             return paraseq.linear_scan(a, b, backend=name)  # (B, T, D)
@@ -179,6 +224,8 @@ def run_cell(T: int, width: int, reps: int) -> Cell:
     ref = paraseq.linear_scan(a.double(), b.double(), backend=cell.reference)  # (B, T, D)
 
     cell.memcpy = time_memcpy(a, b, reps)
+    cell.copy_numba = time_copy_numba(a, b, reps)
+    cell.add_new = Timing(median_time(lambda: torch.add(a, b), reps)[0], reps)
     for name in backend_names():
         cell.timings[name] = time_backend(name, a, b, ref, reps)
     cell.auto_pick = choose_backend(T, D, cell.B, False, torch.float32, torch.device("cpu"))
@@ -240,14 +287,16 @@ def time_table(cells: Sequence[Cell]) -> tuple[list[str], list[list[str]]]:
 
 def bandwidth_table(cells: Sequence[Cell]) -> tuple[list[str], list[list[str]]]:
     names = backend_names()
-    header = ["T", "B*D", "memcpy GB/s", *names, "auto"]
+    header = ["T", "B*D", "copy GB/s: torch.add / numba / new result", *names, "auto"]
     rows = []
     for c in cells:
         if c.skipped:
             rows.append([*row_label(c), "skipped (memory)", *["-"] * (len(names) + 1)])
             continue
-        roof = c.gbps(c.memcpy.seconds)
-        row = [*row_label(c), fmt_gbps(roof)]
+        roof = c.gbps(c.copy_seconds)
+        copies = " / ".join(fmt_gbps(c.gbps(t.seconds)) if t is not None else "-"
+                            for t in (c.memcpy, c.copy_numba, c.add_new))
+        row = [*row_label(c), copies]
         for name in [*names, AUTO]:
             t = c.timings[name]
             bw = c.gbps(t.seconds)
@@ -291,7 +340,8 @@ def render_markdown(header: list[str], rows: list[list[str]]) -> str:
 
 TABLES = (
     ("Time per call (speedup over sequential)", time_table),
-    ("Effective bandwidth in GB/s, 12 bytes per element (percent of memcpy)", bandwidth_table),
+    ("Effective bandwidth in GB/s, 12 bytes per element (percent of the faster copy)",
+     bandwidth_table),
     ("Max abs error against the float64 reference", error_table),
 )
 
@@ -310,7 +360,7 @@ def footnotes(cells: Sequence[Cell]) -> list[str]:
 
 def report(cells: Sequence[Cell], markdown: bool, machine: str, reps_line: str) -> str:
     render = render_markdown if markdown else render_text
-    parts = [machine, reps_line]
+    parts = [machine + f", at the end: {load_average()}", reps_line]
     for title, table in TABLES:
         parts.append(f"**{title}**" if markdown else title)
         parts.append(render(*table(cells)))
@@ -329,13 +379,16 @@ def write_csv(cells: Sequence[Cell], path: str) -> None:
         for c in cells:
             base = {"T": c.T, "BD": c.width, "B": c.B, "D": c.D, "elements": c.elements}
             if c.skipped:
-                for name in [*backend_names(), AUTO, MEMCPY]:
+                for name in [*backend_names(), AUTO, MEMCPY, COPY_NUMBA, ADD_NEW]:
                     w.writerow({**base, "backend": name, "note": "skipped (memory)"})
                 continue
-            roof = c.gbps(c.memcpy.seconds)
-            w.writerow({**base, "backend": MEMCPY, "seconds": c.memcpy.seconds,
-                        "reps": c.memcpy.reps, "estimated": False, "gbps": roof,
-                        "memcpy_gbps": roof, "fraction_of_memcpy": 1.0})
+            roof = c.gbps(c.copy_seconds)
+            for name, t in ((MEMCPY, c.memcpy), (COPY_NUMBA, c.copy_numba), (ADD_NEW, c.add_new)):
+                if t is not None:
+                    w.writerow({**base, "backend": name, "seconds": t.seconds, "reps": t.reps,
+                                "estimated": False, "gbps": c.gbps(t.seconds),
+                                "memcpy_gbps": roof,
+                                "fraction_of_memcpy": c.copy_seconds / t.seconds})
             for name, t in c.timings.items():
                 bw = c.gbps(t.seconds)
                 w.writerow({**base, "backend": name,
@@ -348,13 +401,76 @@ def write_csv(cells: Sequence[Cell], path: str) -> None:
                             "note": "estimated" if t.estimated else ""})
 
 
+# --- first call: compile and cache-load cost of the numba backend ------------------------------
+
+FIRST_CALL_CASES = (  # (label, shape of a, shape of b, structure): one per kernel, float32
+    ("diagonal, wide rows", (16, 1000, 64), (16, 1000, 64), "diagonal"),
+    ("diagonal, one channel", (1, 1000, 1), (1, 1000, 1), "diagonal"),
+    ("dense 8 x 8", (4, 1000, 8, 8), (4, 1000, 8), "dense"),
+)
+_FIRST_CALL_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch, paraseq
+t1 = time.perf_counter()
+a = torch.rand(*{a}) / {scale}
+b = torch.randn(*{b})
+import numba
+t2 = time.perf_counter()
+paraseq.linear_scan(a, b, backend="numba", structure="{structure}")
+t3 = time.perf_counter()
+paraseq.linear_scan(a, b, backend="numba", structure="{structure}")
+t4 = time.perf_counter()
+print(json.dumps(dict(import_paraseq=t1 - t0, import_numba=t2 - t1, first=t3 - t2,
+                      second=t4 - t3)))
+"""
+
+
+def first_call_report() -> str:
+    """Time ``import paraseq`` and the numba backend's first two calls in fresh processes:
+    with an empty numba cache (compile) and with the cache the first process wrote (load)."""
+    if not compiled.AVAILABLE:
+        return "numba is not installed: nothing to compile\n"
+    lines = [machine_line(),
+             "",
+             "First call of backend='numba' in a fresh process, float32 (seconds). 'import numba'",
+             "is timed apart (numba is imported on first use, not by import paraseq); 'first'",
+             "is then the kernels' compile (cold: empty NUMBA_CACHE_DIR) or load from numba's",
+             "on-disk cache (warm: the cache the cold run wrote).",
+             ""]
+    header = ["case", "cache", "import paraseq", "import numba", "first call", "second call"]
+    rows = []
+    for label, a, b, structure in FIRST_CALL_CASES:
+        code = _FIRST_CALL_CHILD.format(a=a, b=b, structure=structure,
+                                        scale=a[-1] if structure == "dense" else 1)
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+            for state in ("cold", "warm"):
+                done = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                                      capture_output=True, text=True)
+                t = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append([f"{label} {a}", state, f"{t['import_paraseq']:.2f}",
+                             f"{t['import_numba']:.2f}", f"{t['first']:.2f}",
+                             f"{t['second'] * 1e3:.2f} ms"])
+                print(f"{label} {state}: {t}", file=sys.stderr, flush=True)
+    lines.append(render_text(header, rows))
+    lines.append(f"\nload average at the end: {load_average()}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="T in {1e3, 1e4}, B*D in {1, 64}, N = 3 (a smoke test)")
     parser.add_argument("--csv", metavar="PATH", help="write one row per (cell, backend)")
     parser.add_argument("--markdown", action="store_true", help="print GitHub markdown tables")
+    parser.add_argument("--first-call", action="store_true",
+                        help="time the numba backend's first call (compile / cache load) in "
+                             "fresh processes, and nothing else")
     args = parser.parse_args(argv)
+    if args.first_call:
+        sys.stdout.write(first_call_report())
+        return
 
     t_grid, width_grid = (QUICK_T_GRID, QUICK_WIDTH_GRID) if args.quick else (T_GRID, WIDTH_GRID)
     reps = QUICK_REPS if args.quick else REPS

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import compiled
 from ._ops import a_time, adjoint, apply, batch_shape_of
 from .chunked import chunked_scan
+from .compiled import numba_scan
 from .parallel import parallel_scan
 from .sequential import sequential_scan
 
@@ -32,6 +34,7 @@ class Backend:
     fn: ScanFn
     description: str
     is_available: Callable[[], bool] = lambda: True
+    missing: str = ""  # what an unavailable backend needs, and how to get it
 
 
 BACKENDS: dict[str, Backend] = {
@@ -42,11 +45,17 @@ BACKENDS: dict[str, Backend] = {
                 "log-depth odd-even (work-efficient, Blelloch-type) reduction in pure torch"),
         Backend("chunked", chunked_scan,
                 "two-level scan: loops inside chunks vectorised over chunks, then the carries"),
+        Backend("numba", numba_scan,
+                "compiled CPU kernels (numba): parallel over channels, or over time chunks",
+                is_available=compiled.numba_available,
+                missing=f"it needs the numba package, which is not installed (or does not "
+                        f"import); install it ({compiled.INSTALL_HINT})"),
     )
 }
 """Every backend by name; ``"auto"`` picks one of them (see ``choose_backend``)."""
 
 _SEQUENTIAL_MAX_T = 16
+_NUMBA_MIN_T = 3
 _CHUNKED_MIN_WIDTH = 32
 _REAL = (torch.float32, torch.float64)
 _COMPLEX = (torch.complex64, torch.complex128)
@@ -57,6 +66,26 @@ def choose_backend(T: int, D: int, batch: int, dense: bool, dtype: torch.dtype,
                    device: torch.device) -> str:
     """The rule behind ``backend="auto"``.
 
+    On a CPU with numba installed (``paraseq.scan.compiled.AVAILABLE``), for every dtype
+    ``linear_scan`` takes (bfloat16 and float16 are computed in float32): ``"numba"``, except
+    diagonal a with T <= 2, where the plain loop ties it. Measured on this project's 2-core
+    Xeon, float32, medians, while other jobs kept the load average at 2 to 3:
+    - tiny T: about 90 us a call against the loop's 90 us at T = 2 (one channel; 97 against
+      99 us at B*D = 1024), 90 against 135 us at T = 8; dense 4 x 4 86 against 92 us at
+      T = 1. Most of the 90 us is ``linear_scan``'s checks and autograd wrapper; the kernel
+      takes under 40 us.
+    - with data to move, one thread each (the load starves two-thread runs), against the
+      fastest pure-torch backend in the same run: 4.1x (T = 1e3, one channel), 5.6x
+      (T = 1e5, one channel), 3.9x (T = 1e6, one channel: 1.3 against 5.2 ms for
+      "parallel"), 4.5x (T = 1e4, B*D = 64), 3.6x (T = 1e6, B*D = 64: 136 against 489 ms for
+      "chunked"), 2.6x (T = 1e4, B*D = 4096); dense a 3.5x (one 2 x 2 system, T = 1e5) to
+      20x (16 x 64 x 64, T = 1e3) faster than "parallel".
+    Tables: benchmarks/README.md (``benchmarks/scan.py``). The first call in a process pays
+    numba's import and the kernels' compile (about 1 to 5 s a kernel and dtype, once per
+    machine: numba caches the machine code on disk) or cache load (about 0.5 s); see
+    ``benchmarks/scan.py --first-call``.
+
+    Without numba, or off the CPU:
     - T <= 16: ``"sequential"`` (a handful of steps costs less than any scan's set-up).
     - CPU, diagonal a, at least 32 scalars per time step (batch * D >= 32): ``"chunked"``,
       which reads the data about twice where the tree reads it about 4 times: as fast as
@@ -68,7 +97,9 @@ def choose_backend(T: int, D: int, batch: int, dense: bool, dtype: torch.dtype,
       a batched matmul, where the log-depth tree wins too.
     The numbers behind the thresholds are in benchmarks/README.md (``benchmarks/scan.py``).
     """
-    del dtype  # part of the rule's signature for the compiled kernels to come
+    if (device.type == "cpu" and dtype in _REAL + _COMPLEX + _LOW
+            and BACKENDS["numba"].is_available()):
+        return "numba" if dense or T >= _NUMBA_MIN_T else "sequential"
     if T <= _SEQUENTIAL_MAX_T:
         return "sequential"
     if device.type == "cpu" and not dense and batch * D >= _CHUNKED_MIN_WIDTH:
@@ -160,6 +191,14 @@ def _describe(t: object) -> str:
     return f"{type(t).__name__}"
 
 
+def _broadcasts(s1: torch.Size, s2: torch.Size) -> bool:
+    try:
+        torch.broadcast_shapes(s1, s2)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _resolve_structure(a: Tensor, b: Tensor, structure: str) -> bool:
     """True for dense a (..., T, D, D), False for diagonal a (..., T, D)."""
     T, D = b.shape[-2], b.shape[-1]
@@ -180,7 +219,8 @@ def _resolve_structure(a: Tensor, b: Tensor, structure: str) -> bool:
     if structure != "auto":
         raise ValueError(f"linear_scan: structure must be 'auto', 'diagonal' or 'dense'; got "
                          f"{structure!r}")
-    if dense_fits and diag_fits and a.dim() == b.dim():
+    if dense_fits and diag_fits and a.dim() <= b.dim() and _broadcasts(a.shape[:-2],
+                                                                    b.shape[:-2]):
         raise ValueError(
             f"linear_scan: a of shape {tuple(a.shape)} with b of shape {tuple(b.shape)} reads "
             f"both as diagonal coefficients with a batch dim and as dense (T, D, D) matrices "
@@ -214,7 +254,8 @@ def linear_scan(
         x0: the initial state x_0, shape (..., D); None means zeros.
         reverse: run from the end instead: x_t = a_t x_{t+1} + b_t with x_{T+1} = x0.
         backend: ``"auto"`` (see ``choose_backend``) or a name in ``paraseq.scan.BACKENDS``:
-            ``"sequential"``, ``"parallel"``, ``"chunked"``.
+            ``"sequential"``, ``"parallel"``, ``"chunked"``, ``"numba"`` (CPU only; needs
+            the optional numba package).
         structure: ``"auto"``, ``"diagonal"`` or ``"dense"``. ``"auto"`` reads it from the
             shapes: dense when a's last three dims are (T, D, D), diagonal when its last two are
             (T, D). When both fit (T == D and a has b's rank, so a's first dim could be a batch
@@ -287,7 +328,9 @@ def linear_scan(
     if name == "auto":
         name = choose_backend(T, D, batch.numel(), dense, dtype, b.device)
     if not BACKENDS[name].is_available():
-        raise ValueError(f"linear_scan: backend {name!r} is not available on this machine")
+        why = BACKENDS[name].missing or "it is not available on this machine"
+        raise ValueError(f"linear_scan: backend={name!r} cannot run: {why}; or use "
+                         f"backend='auto'")
 
     if dtype in _LOW:  # accumulate in float32
         a32, b32 = a.float(), b.float()
