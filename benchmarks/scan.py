@@ -121,7 +121,8 @@ class Cell:
 def backend_names() -> list[str]:
     """The backends timed as table columns: the registry's available ones, then Hillis-Steele
     and (with numba) the numba kernel into a preallocated result."""
-    names = [name for name, b in BACKENDS.items() if b.is_available()] + [HILLIS]
+    names = [name for name, b in BACKENDS.items()
+             if b.is_available(torch.device("cpu"))] + [HILLIS]
     return names + ([NUMBA_OUT] if compiled.AVAILABLE else [])
 
 

@@ -259,7 +259,7 @@ def test_auto_picks_numba_on_cpu(numba):
         assert choose_backend(3, 1, 1, False, dtype, cpu) == "numba"
         assert choose_backend(2, 64, 16, True, dtype, cpu) == "numba"
     assert choose_backend(2, 64, 16, False, torch.float32, cpu) == "sequential"
-    assert choose_backend(1000, 64, 16, False, torch.float32, cuda) == "parallel"
+    assert choose_backend(1000, 64, 16, True, torch.float32, cuda) == "parallel"
 
 
 def test_without_numba(monkeypatch):
@@ -297,8 +297,8 @@ def test_numba_that_does_not_import(monkeypatch):
 
 def test_cpu_tensors_only(numba):
     a, b = torch.rand(40, 3, device="meta"), torch.randn(40, 3, device="meta")
-    with pytest.raises(ValueError, match=r"backend='numba' runs on CPU tensors; got tensors "
-                                         r"on meta; use backend='auto'"):
+    with pytest.raises(ValueError, match=r"backend='numba' cannot run: it does not run on meta "
+                                         r"tensors; or use backend='auto'"):
         paraseq.linear_scan(a, b, backend="numba")
 
 

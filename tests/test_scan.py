@@ -16,12 +16,15 @@ from reference import scan_autograd, scan_numpy
 from torch.autograd import gradcheck, gradgradcheck
 
 import paraseq
-from paraseq.scan import BACKENDS, compiled
+from paraseq.scan import BACKENDS, compiled, gpu
 from paraseq.scan.api import choose_backend
 from paraseq.scan.chunked import chunked_scan
 from paraseq.scan.parallel import hillis_steele_scan
 
-AVAILABLE = [name for name, b in BACKENDS.items() if b.is_available()]  # "numba" if installed
+# "numba" if installed; "triton" only on a GPU (tests/test_triton.py runs it through triton's
+# interpreter on a CPU, on sizes the interpreter can afford)
+AVAILABLE = [name for name, b in BACKENDS.items() if b.is_available()
+             and (name != "triton" or torch.cuda.is_available())]
 NAMES = [*AVAILABLE, "auto"]
 CPU_ONLY = {"numba"}
 LENGTHS = [1, 2, 3, 17, 489, 1047]
@@ -200,8 +203,10 @@ def test_structure_disambiguation():
 
 
 def test_auto_rule(monkeypatch):
-    # the pure-torch rule (tests/test_kernels.py checks the rule with numba)
+    # the pure-torch rule (tests/test_kernels.py checks the rule with numba, and
+    # tests/test_triton.py with triton)
     monkeypatch.setattr(compiled, "AVAILABLE", False)
+    monkeypatch.setattr(gpu, "AVAILABLE", False)
     cpu = torch.device("cpu")
     assert choose_backend(16, 64, 64, False, torch.float32, cpu) == "sequential"
     assert choose_backend(1000, 64, 16, False, torch.float32, cpu) == "chunked"

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import compiled
+from . import compiled, gpu
 from ._ops import a_time, adjoint, apply, batch_shape_of
 from .chunked import chunked_scan
 from .compiled import numba_scan
+from .gpu import triton_scan
 from .parallel import parallel_scan
 from .sequential import sequential_scan
 
@@ -33,7 +34,8 @@ class Backend:
     name: str
     fn: ScanFn
     description: str
-    is_available: Callable[[], bool] = lambda: True
+    # whether it runs on a device (any device the machine has, for None)
+    is_available: Callable[..., bool] = lambda device=None: True
     missing: str = ""  # what an unavailable backend needs, and how to get it
 
 
@@ -50,6 +52,13 @@ BACKENDS: dict[str, Backend] = {
                 is_available=compiled.numba_available,
                 missing=f"it needs the numba package, which is not installed (or does not "
                         f"import); install it ({compiled.INSTALL_HINT})"),
+        Backend("triton", triton_scan,
+                "Triton kernels for GPUs: tiles scanned in log depth, parallel over rows and "
+                "channels (dense a: the 'parallel' scan); on the CPU only under "
+                "TRITON_INTERPRET=1",
+                is_available=gpu.triton_available,
+                missing=f"it needs the triton package ({gpu.INSTALL_HINT}) and a GPU, or "
+                        f"TRITON_INTERPRET=1 for CPU tensors"),
     )
 }
 """Every backend by name; ``"auto"`` picks one of them (see ``choose_backend``)."""
@@ -87,6 +96,8 @@ def choose_backend(T: int, D: int, batch: int, dense: bool, dtype: torch.dtype,
 
     Without numba, or off the CPU:
     - T <= 16: ``"sequential"`` (a handful of steps costs less than any scan's set-up).
+    - CUDA, diagonal a, triton installed: ``"triton"`` (one pass over the data; the pure-torch
+      backends launch a few kernels per tree level or chunk step).
     - CPU, diagonal a, at least 32 scalars per time step (batch * D >= 32): ``"chunked"``,
       which reads the data about twice where the tree reads it about 4 times: as fast as
       ``"parallel"`` at B*D = 64 and T <= 1e5, 1.4x faster at T = 1e6, up to 1.8x at
@@ -102,6 +113,9 @@ def choose_backend(T: int, D: int, batch: int, dense: bool, dtype: torch.dtype,
         return "numba" if dense or T >= _NUMBA_MIN_T else "sequential"
     if T <= _SEQUENTIAL_MAX_T:
         return "sequential"
+    if device.type == "cuda" and not dense and dtype in _REAL + _COMPLEX + _LOW and \
+            gpu.triton_available(device):
+        return "triton"
     if device.type == "cpu" and not dense and batch * D >= _CHUNKED_MIN_WIDTH:
         return "chunked"
     return "parallel"
@@ -255,7 +269,8 @@ def linear_scan(
         reverse: run from the end instead: x_t = a_t x_{t+1} + b_t with x_{T+1} = x0.
         backend: ``"auto"`` (see ``choose_backend``) or a name in ``paraseq.scan.BACKENDS``:
             ``"sequential"``, ``"parallel"``, ``"chunked"``, ``"numba"`` (CPU only; needs
-            the optional numba package).
+            the optional numba package), ``"triton"`` (GPU; needs triton; CPU tensors only
+            under ``TRITON_INTERPRET=1``).
         structure: ``"auto"``, ``"diagonal"`` or ``"dense"``. ``"auto"`` reads it from the
             shapes: dense when a's last three dims are (T, D, D), diagonal when its last two are
             (T, D). When both fit (T == D and a has b's rank, so a's first dim could be a batch
@@ -327,8 +342,10 @@ def linear_scan(
     name = backend
     if name == "auto":
         name = choose_backend(T, D, batch.numel(), dense, dtype, b.device)
-    if not BACKENDS[name].is_available():
+    if not BACKENDS[name].is_available(b.device):
         why = BACKENDS[name].missing or "it is not available on this machine"
+        if BACKENDS[name].is_available() and name != "triton":  # installed, wrong device
+            why = f"it does not run on {b.device.type} tensors"
         raise ValueError(f"linear_scan: backend={name!r} cannot run: {why}; or use "
                          f"backend='auto'")
 

@@ -76,10 +76,13 @@ _NO_FLAGS = np.zeros(1, dtype=np.int64)  # the flags argument of kernels run out
 _pool_lock = threading.Lock()
 
 
-def numba_available() -> bool:
-    """Whether the ``"numba"`` backend can run here: numba is installed and imports (the first
-    call imports it; an installation that fails to import warns once and counts as absent)."""
+def numba_available(device: torch.device | None = None) -> bool:
+    """Whether the ``"numba"`` backend can run here (on ``device``, if given: the CPU only):
+    numba is installed and imports (the first call imports it; an installation that fails to
+    import warns once and counts as absent)."""
     global AVAILABLE
+    if device is not None and device.type != "cpu":
+        return False
     if AVAILABLE and _module is None:
         try:
             _kernels()
