@@ -13,8 +13,8 @@ import torch
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="paraseq.nn.GRU against torch.nn.GRU over a grid "
-                                     "(table, CSV, speedup plot)")
+    p = sub.add_parser("bench", help="paraseq.nn.GRU against torch.nn.GRU over a grid, and odeint "
+                                     "on a neural ODE (tables, CSV, speedup plot)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run (hidden 1 and 8, T = 1e3): well under a minute")
     p.add_argument("--passes", choices=["fwd", "fwd+bwd", "both"], default="both")
@@ -31,12 +31,33 @@ def register(sub) -> None:
     p.add_argument("--batches", type=int, nargs="+", help="batch sizes (overrides)")
     p.add_argument("--markdown", action="store_true", help="print a GitHub markdown table")
     p.add_argument("--no-plot", action="store_true")
+    # --- the odeint section (paraseq.bench.ode) ---
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   help="what to run: gru (the GRU grid, bench.csv) and ode (odeint on a "
+                        "neural ODE against sequential stepping, an RK4 loop and torchdiffeq "
+                        "if installed, bench_ode.csv); --lengths, --batches, --passes, "
+                        "--repeats, --markdown and --out apply to both, --skip-after is ode's "
+                        "budget (default: gru ode)")
     p.set_defaults(func=run)
 
 
+SECTIONS = ("gru", "ode")
 
 
 def run(args: argparse.Namespace) -> int:
+    """The sections in order; the first failing one's exit code."""
+    from . import ode
+
+    for name, section in (("gru", run_gru), ("ode", ode.cli_section)):
+        if name in args.sections:
+            code = section(args)
+            if code:
+                return code
+    return 0
+# --- end of the odeint section's hook ---
+
+
+def run_gru(args: argparse.Namespace) -> int:
     from ..cli import _progress
     from .grid import FULL_GRID, QUICK_GRID, geometric_mean, measure, plot, table, workloads
     from .grid import write_csv as save_csv
