@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import warnings
 
 import numpy as np
@@ -116,8 +117,17 @@ def _linear_problem():
     A = torch.tensor([[-0.2, 1.0, 0.0], [-1.0, -0.2, 0.3], [0.0, -0.3, -0.5]], dtype=F64)
     y0 = torch.tensor([1.0, 0.5, -0.5], dtype=F64)
 
-    def exact(t):  # (T,) -> (T, D): one stacked expm call (each call costs milliseconds)
-        return torch.from_numpy(expm(A.numpy() * t.numpy()[:, None, None])) @ y0
+    def exact(t):  # (T,) evenly spaced -> (T, D): y(t_k) = expm(A h)^k y(t_0), two expm
+        # calls (scipy's expm costs milliseconds per matrix, stacked or not)
+        tt, An, y = t.numpy(), A.numpy(), y0.numpy()
+        out = [expm(An * tt[0]) @ y]
+        if len(tt) > 1:
+            h = tt[1] - tt[0]
+            assert np.allclose(np.diff(tt), h, rtol=1e-12, atol=0)
+            E = expm(An * h)
+            for _ in range(len(tt) - 1):
+                out.append(E @ out[-1])
+        return torch.from_numpy(np.stack(out))
 
     return (lambda t, y: y @ A.T), y0, exact
 
@@ -517,6 +527,91 @@ def test_examples_against_scipy(name, method):
     assert abs(math.log2(errs[0] / errs[1]) - order) <= 0.3, errs
 
 
+def test_mathieu_chart_closed_form_and_scipy():
+    # q = 0: x'' + a x = 0, so the monodromy matrix over [0, pi] has trace 2 cos(sqrt(a) pi)
+    # (2 cosh(sqrt(-a) pi) for a < 0); q = 1 against solve_ivp and the characteristic values
+    # of scipy.special (the stability boundaries b_1(1) < 1 < a_1(1) < 3 < b_2(1))
+    scipy_special = pytest.importorskip("scipy.special")
+    from paraseq.ode.examples import mathieu_chart
+
+    a = torch.tensor([-1.5, -0.3, 0.5, 1.0, 2.5, 3.0, 7.0], dtype=F64)
+    q = torch.tensor([0.0, 1.0], dtype=F64)
+    with torch.no_grad():
+        half_trace, info = mathieu_chart(a, q, points=101)
+    assert info.converged and half_trace.shape == (7, 2)
+    r = a.abs().sqrt() * math.pi
+    exact = torch.where(a >= 0, torch.cos(r).abs(), torch.cosh(r))
+    assert ((half_trace[:, 0] - exact).abs() / (1 + exact)).max().item() <= 1e-6
+    t = torch.linspace(0, math.pi, 101, dtype=F64)
+    for i in (3, 5):  # a = 1 and a = 3
+        ref = scipy_reference(Mathieu(a[i], q[1]), torch.eye(2, dtype=F64), t)  # (T, 2, 2)
+        want = abs(ref[-1, 0, 0] + ref[-1, 1, 1]) / 2
+        assert abs(half_trace[i, 1].item() - want) <= 1e-6 * (1 + want)
+    assert scipy_special.mathieu_b(1, 1.0) < 1.0 < scipy_special.mathieu_a(1, 1.0)
+    assert half_trace[3, 1] > 1  # a = 1, q = 1: inside the first instability tongue
+    assert scipy_special.mathieu_a(1, 1.0) < 3.0 < scipy_special.mathieu_b(2, 1.0)
+    assert half_trace[5, 1] < 1  # a = 3, q = 1: between the tongues, stable
+
+
+def test_pendulum_upright_for_a_fast_pivot_falls_for_a_slow_one():
+    # Kapitza: with l = 0.2, h0 = 0.02 the upright position is stable for w > 99
+    f = Pendulum(torch.tensor([200.0, 50.0]))
+    assert 50 < f.kapitza_w() < 200
+    y0 = torch.tensor([[0.2, 0.0], [0.2, 0.0]], dtype=F64)
+    t = torch.linspace(0, 2, 1001, dtype=F64)
+    with torch.no_grad():
+        y, info = odeint(f, y0, t, method="gauss_legendre_4", return_info=True)
+    assert info.converged
+    late = y[500:, :, 0].abs().amax(0)  # max |theta| over [1, 2], (2,)
+    assert late[0] < 0.5, late  # w = 200: oscillates about the upright
+    assert late[1] > 1.0, late  # w = 50: falls over
+
+
+def test_vanderpol_stiff_through_a_fast_jump_against_radau():
+    # mu = 100 from the slow manifold near x = 1: the jump to x = -2 comes at t ~ 0.25, then
+    # the slow phase again. Output every 0.1, 16 and 32 substeps (h mu |1 - x^2| up to ~2):
+    # against Radau (rtol 1e-10) the error falls like h^4 (Gauss-Legendre)
+    pytest.importorskip("scipy")
+    f = VanDerPol(100.0)
+    y0 = torch.tensor([1.05, -0.1024], dtype=F64)
+    t = torch.linspace(0, 3, 31, dtype=F64)
+    ref = scipy_reference(f, y0, t, method="Radau")
+    assert ref[0, 0] > 1 and ref[-1, 0] < -1.9  # the span crosses the jump
+    errs = []
+    for k in (16, 32):
+        with torch.no_grad():
+            y, info = odeint(f, y0, t, method="gauss_legendre_4", options={"substeps": k},
+                             return_info=True)
+        assert info.converged
+        errs.append(np.abs(y.numpy() - ref).max())
+    assert errs[1] < 1e-4, errs
+    assert abs(math.log2(errs[0] / errs[1]) - 4) <= 0.4, errs
+
+
+def test_competition_end_states_and_equilibria():
+    co = Competition(**COMPETITION["coexistence"])
+    ex = Competition(**COMPETITION["exclusion"])
+    # the interior equilibrium: x1 = N1 (1 - a1 x2 / r1), x2 = N2 (1 - a2 x1 / r2)
+    labels = [(0.0, 0.0, False), (1.0, 0.0, False), (0.0, 1.0, False), (2 / 3, 2 / 3, True)]
+    for got, want in zip(co.equilibria(), labels, strict=True):
+        assert np.allclose(got[:2], want[:2], atol=1e-12) and got[2] == want[2]
+    labels = [(0.0, 0.0, False), (1.0, 0.0, True), (0.0, 1.0, True), (0.4, 0.4, False)]
+    for got, want in zip(ex.equilibria(), labels, strict=True):
+        assert np.allclose(got[:2], want[:2], atol=1e-12) and got[2] == want[2]
+    ics = torch.tensor([[0.05, 0.05], [0.05, 1.2], [1.2, 0.05], [1.2, 1.2], [0.9, 0.1],
+                        [0.1, 0.9]], dtype=F64)
+    t = torch.linspace(0, 40, 161, dtype=F64)
+    with torch.no_grad():
+        y_co = odeint(co, ics, t, method="gauss_legendre_4")[-1]  # (6, 2)
+        y_ex = odeint(ex, ics, t, method="gauss_legendre_4")[-1]
+    # coexistence: every run converges to (2/3, 2/3) (slowest rate 0.29: e^-11.8 at t = 40)
+    assert (y_co - 2 / 3).abs().max().item() <= 1e-3
+    # exclusion: one species dies out in every run, the other sits at its capacity
+    assert (y_ex.amin(-1) <= 1e-3).all() and ((y_ex.amax(-1) - 1).abs() <= 1e-2).all()
+    winner = y_ex.argmax(-1)
+    assert winner[2] == winner[4] == 0 and winner[1] == winner[5] == 1  # the head start wins
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 @pytest.mark.parametrize("example", ["competition", "mathieu", "pendulum", "vanderpol",
@@ -534,6 +629,51 @@ def test_cli_examples(example, tmp_path, capsys):
     assert rc == 0
     assert "sequential" in out and "newton" in out
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _check_cli_numbers(example, out)
+
+
+def _column(out, name):
+    """The values of column ``name`` in the CLI's results table (columns part on 2+ spaces)."""
+    lines = out.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("case ") and name in line)
+    head = re.split(r"\s{2,}", lines[i].strip())
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.strip():
+            break
+        rows.append(re.split(r"\s{2,}", line.strip()))
+    return [float(r[head.index(name)]) for r in rows]
+
+
+def _check_cli_numbers(example, out):
+    """What the --quick runs must print: errors against scipy within the scheme's, every
+    scheme residual under tol, and each example's verdicts."""
+    def number(pattern):
+        return float(re.search(pattern, out).group(1))
+
+    if example != "mathieu":
+        assert max(_column(out, "newton err")) <= 1e-3
+        assert max(_column(out, "residual")) <= 1e-10
+    if example == "competition":
+        assert "equilibria: (0, 0) unstable, (1, 0) unstable, (0, 1) unstable, (0.667, 0.667) " \
+               "stable" in out
+        assert "equilibria: (0, 0) unstable, (1, 0) stable, (0, 1) stable, (0.4, 0.4) " \
+               "unstable" in out
+        assert "both in 9 of 9 runs" in out  # coexistence: every run keeps both species
+    elif example == "mathieu":
+        assert number(r"between them: ([\d.e+-]+)") <= 1e-9  # newton vs sequential
+        assert number(r"max \|difference\| ([\d.e+-]+)") <= 1e-3  # vs scipy, 41 points
+    elif example == "pendulum":
+        assert number(r"w = 200\): max \|theta\| over the second half ([\d.]+) rad: stays up") \
+            < 0.5
+        assert number(r"w = 50\): max \|theta\| over the second half ([\d.]+) rad: falls") > 1
+    elif example == "vanderpol":
+        # the end errors of mu = 1: fourth order between the two substep counts
+        tail = out[out.index("with 2x substeps"):]
+        row = re.search(r"mu = 1 +\S+ +([\d.e+-]+) +([\d.e+-]+) +([\d.]+)", tail)
+        assert float(row.group(1)) <= 1e-5 and abs(float(row.group(3)) - 4) <= 0.3
+    elif example == "lorenz":
+        assert number(r"largest scheme residual ([\d.e+-]+)") <= 1e-10
 
 
 def test_cli_rejects_bad_arguments(capsys):
