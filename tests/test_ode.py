@@ -363,8 +363,10 @@ def test_lorenz_stays_correct_at_every_step():
     f = Lorenz()
     y0 = torch.tensor([1.0, 1.0, 1.0], dtype=F64)
     t = torch.linspace(0, 3, 301, dtype=F64)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         y, info = odeint(f, y0, t, method="gauss_legendre_4", return_info=True)
+    assert not caught  # the fallback is silent: solve_recurrence's warnings do not leak
     # Newton over the whole grid does not reach the end (chaos): windows take over
     assert info.fell_back and info.windows > 1 and info.converged
     assert info.step_residuals.shape == (300,) and info.step_residuals.max() <= 1e-10
@@ -383,6 +385,15 @@ def test_on_failure_raise_and_warn():
         _, info = odeint(f, y0, t, on_failure="warn", return_info=True)
     assert any("odeint: solver='newton' did not converge" in str(w.message) for w in caught)
     assert not info.converged and info.residual > 1e-10
+
+
+def test_warnings_of_func_pass_through():
+    def f(t, y):
+        warnings.warn("from func", UserWarning, stacklevel=2)
+        return -y
+
+    with pytest.warns(UserWarning, match="from func"):
+        odeint(f, torch.ones(2, dtype=F64), torch.linspace(0, 1, 30, dtype=F64))
 
 
 def test_a_step_too_large_for_its_local_equations_is_reported():
@@ -610,6 +621,23 @@ def test_competition_end_states_and_equilibria():
     assert (y_ex.amin(-1) <= 1e-3).all() and ((y_ex.amax(-1) - 1).abs() <= 1e-2).all()
     winner = y_ex.argmax(-1)
     assert winner[2] == winner[4] == 0 and winner[1] == winner[5] == 1  # the head start wins
+
+
+def test_bench_section(tmp_path, capsys):
+    # python -m paraseq bench --sections ode on a tiny grid: the table and bench_ode.csv
+    from paraseq.bench import ode as bench_ode
+    from paraseq.cli import main
+
+    rc = main(["bench", "--sections", "ode", "--lengths", "12", "--batches", "2",
+               "--repeats", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "parallel (s)" in out and "vs rk4 loop" in out
+    lines = (tmp_path / "bench_ode.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("pass,B,T,parallel_s,sequential_s")
+    assert not (tmp_path / "bench.csv").exists()  # the gru section did not run
+    row = bench_ode.measure(12, 1, True, ["parallel", "sequential"], dtype=F64, repeats=1,
+                            loop_steps=5)
+    assert row["sequential ~"] and row["iterations"] >= 1 and row["|par - seq|"] <= 1e-8
 
 
 # ----------------------------------------------------------------------------- the CLI
