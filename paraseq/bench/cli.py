@@ -31,6 +31,11 @@ def register(sub) -> None:
     p.add_argument("--batches", type=int, nargs="+", help="batch sizes (overrides)")
     p.add_argument("--markdown", action="store_true", help="print a GitHub markdown table")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the installed peers on the GRU grid's workloads (a jitted "
+                        "JAX lax.scan GRU, DEER, pararnn-torch's ParaGRU against DiagGRU; "
+                        "paraseq.bench.peers): a second table and more CSV columns (default: "
+                        "on when one is installed, off with --quick)")
     # --- the odeint section (paraseq.bench.ode) ---
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                    help="what to run: gru (the GRU grid, bench.csv) and ode (odeint on a "
@@ -82,12 +87,19 @@ def run_gru(args: argparse.Namespace) -> int:
     print("GRU, input size = hidden, float32; speedup = torch.nn.GRU time / paraseq.nn.GRU "
           "(method='auto') time, measured in this run")
     repeats = min(args.repeats, 3) if args.quick else args.repeats
+    peers = None
+    if args.peers or (args.peers is None and not args.quick):
+        from .peers import detect
+
+        found = detect()
+        print("peers: " + "; ".join(info.label for info in found.values()))
+        peers = found if any(info.available for info in found.values()) else None
     results, history = [], {}
     t0 = time.perf_counter()
     _progress(0, len(jobs), "")
     for i, w in enumerate(jobs, 1):
         results.append(measure(w, repeats=repeats, budget=args.budget, history=history,
-                               skip_after=args.skip_after))
+                               skip_after=args.skip_after, peers=peers))
         _progress(i, len(jobs), f"{w.pass_} hidden {w.hidden} batch {w.batch} T {w.T:.0e}")
     print()
     print(table(results, args.markdown))
@@ -95,6 +107,11 @@ def run_gru(args: argparse.Namespace) -> int:
         sel = [r.speedup for r in results if r.pass_ == pass_]
         worst = min((s for s in sel if s is not None), default=float("nan"))
         print(f"{pass_}: geometric-mean speedup {geometric_mean(sel):.2f}x, worst {worst:.2f}x")
+    if peers is not None:  # the peers' columns (paraseq.bench.peers)
+        from .grid import peer_summary, peer_table
+
+        print(f"\nPeers on the same workloads, in this run:\n{peer_table(results, args.markdown)}")
+        print("\n".join(peer_summary(results)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_csv(results, out / "bench.csv")

@@ -10,9 +10,14 @@ gradients to the input and every weight). For each one the bench times, in the s
 - paraseq.nn.GRU with method="newton" forced (the parallel path, whatever auto would do),
 
 and records the path auto chose, its Newton iterations, and the largest error of its output
-against torch.nn.GRU's. Timings are medians of up to ``repeats`` runs after a warm-up, each
-measurement capped by a time budget (a slow configuration is run fewer times, never skipped
-silently: a configuration estimated above ``skip_after`` seconds is marked "skip").
+against torch.nn.GRU's. With ``peers`` (``paraseq.bench.peers``), the same row also times
+the installed peers on the same workload: a jitted JAX lax.scan GRU with the same weights,
+DEER in JAX, and pararnn-torch's diagonal ParaGRU against paraseq.nn.DiagGRU; they are
+printed as a second table (``peer_table``) and written to the same CSV rows.
+
+Timings are medians of up to ``repeats`` runs after a warm-up, each measurement capped by a
+time budget (a slow configuration is run fewer times, never skipped silently: a configuration
+estimated above ``skip_after`` seconds is marked "skip").
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .peers import NOTES as PEER_NOTES
+from .peers import PEER_HEADERS, PeerInfo, PeerTimes, peer_rows
 from .timing import format_table, time_call
 
 
@@ -54,6 +61,7 @@ class Result:
     auto_iterations: int | None
     newton_iterations: int | None
     max_err: float
+    peers: PeerTimes | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -89,9 +97,11 @@ def _runner(module: torch.nn.Module, x: torch.Tensor, backward: bool) -> Callabl
 
 
 def measure(w: Workload, *, repeats: int, budget: float, history: dict,
-            skip_after: float) -> Result:
+            skip_after: float, peers: dict[str, PeerInfo] | None = None) -> Result:
     """Times one workload. ``history`` maps (path, H, B, pass) to (T, seconds) of the last
-    shorter run, to estimate this one's cost linearly in T and skip it above ``skip_after``."""
+    shorter run, to estimate this one's cost linearly in T and skip it above ``skip_after``.
+    ``peers``: ``paraseq.bench.peers.detect()``'s answer, to time those peers too (None: no
+    peer columns)."""
     from ..nn import GRU
 
     torch.manual_seed(w.hidden * 7919 + w.batch * 31 + w.T)
@@ -124,9 +134,15 @@ def measure(w: Workload, *, repeats: int, budget: float, history: dict,
         with torch.no_grad():
             newton(x)
         newton_iters = newton.last_solve_info[0].iterations
+    peer_times = None
+    if peers is not None:
+        from . import peers as peers_mod
+
+        peer_times = peers_mod.measure(w, ref, x, want, peers, repeats=repeats, budget=budget,
+                                       history=history, skip_after=skip_after)
     return Result(w.hidden, w.batch, w.T, w.pass_, times["torch"], times["auto"],
                   times["newton"], path, infos[0].iterations if infos else None, newton_iters,
-                  (got.detach() - want).abs().max().item())
+                  (got.detach() - want).abs().max().item(), peer_times)
 
 
 def _ms(t: float | None) -> str:
@@ -148,22 +164,60 @@ def rows(results: list[Result]) -> list[list[str]]:
              _x(r.newton_speedup)] for r in results]
 
 
-def table(results: list[Result], markdown: bool = False) -> str:
-    body = rows(results)
+def _format(headers: list[str], body: list[list[str]], markdown: bool) -> str:
     if not markdown:
-        return format_table(HEADERS, body)
-    out = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+        return format_table(headers, body)
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(out)
 
 
+def table(results: list[Result], markdown: bool = False) -> str:
+    return _format(HEADERS, rows(results), markdown)
+
+
+def peer_table(results: list[Result], markdown: bool = False) -> str:
+    """The peers' columns of the rows that timed peers (empty when none did), with notes."""
+    sel = [r for r in results if r.peers is not None]
+    if not sel:
+        return ""
+    return _format(PEER_HEADERS, peer_rows(sel), markdown) + "\n" + PEER_NOTES
+
+
+def peer_summary(results: list[Result]) -> list[str]:
+    """The issue's two JAX targets, per pass: the worst auto/jax at hidden <= 32 (target
+    <= 1.5x) and the worst DEER/newton (target >= 2x), over the rows that have both times."""
+    out = []
+    for pass_ in sorted({r.pass_ for r in results}):
+        sel = [r for r in results if r.pass_ == pass_ and r.peers is not None]
+        aj = [r.auto_s / r.peers.jax_s for r in sel
+              if r.hidden <= 32 and r.auto_s and r.peers.jax_s]
+        dn = [r.peers.deer_s / r.newton_s for r in sel if r.newton_s and r.peers.deer_s]
+        if aj:
+            out.append(f"{pass_}: auto/jax at hidden <= 32: worst {max(aj):.2f}x, geometric "
+                       f"mean {geometric_mean(aj):.2f}x (target <= 1.5x)")
+        if dn:
+            out.append(f"{pass_}: DEER/newton: worst {min(dn):.2f}x, geometric mean "
+                       f"{geometric_mean(dn):.2f}x (target >= 2x)")
+    return out
+
+
 def write_csv(results: list[Result], path: Path) -> None:
+    """One row per workload; with peers, their columns (``PeerTimes``' fields) too."""
+    peer_fields = list(asdict(PeerTimes()))
+    with_peers = any(r.peers is not None for r in results)
     with path.open("w", newline="") as fh:
-        fields = [*asdict(results[0]).keys(), "speedup", "newton_speedup"]
+        base = [k for k in asdict(results[0]) if k != "peers"]
+        fields = [*base, "speedup", "newton_speedup", *(peer_fields if with_peers else [])]
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         for r in results:
-            w.writerow({**asdict(r), "speedup": r.speedup, "newton_speedup": r.newton_speedup})
+            row = {k: v for k, v in asdict(r).items() if k in base}
+            row.update(speedup=r.speedup, newton_speedup=r.newton_speedup)
+            if with_peers:
+                p = asdict(r.peers) if r.peers is not None else {}
+                row.update({k: p.get(k) for k in peer_fields})
+            w.writerow(row)
 
 
 def plot(results: list[Result], path: Path) -> Path | None:
