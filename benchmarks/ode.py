@@ -29,7 +29,7 @@ def main() -> int:
     p.add_argument("--passes", choices=["fwd", "fwd+bwd", "both"], default="both")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--loop-steps", type=int, default=None,
-                   help="steps a loop runs before it is extrapolated (default 1e4; quick 200)")
+                   help="steps a loop runs before it is extrapolated (default 1e4; quick 50)")
     p.add_argument("--budget", type=float, default=60.0,
                    help="skip a parallel run estimated above this many seconds")
     p.add_argument("--lengths", type=int, nargs="+", help="grid steps T (overrides the grid)")

@@ -42,7 +42,7 @@ from .timing import cpu_name, format_table, time_call
 
 D, HIDDEN = 4, 32
 FULL = dict(T=(1_000, 10_000, 100_000), batch=(1, 16), loop_steps=10_000)
-QUICK = dict(T=(1_000,), batch=(1,), loop_steps=100)
+QUICK = dict(T=(1_000,), batch=(1,), loop_steps=50)
 """The grids: ``python -m paraseq bench`` (and benchmarks/ode.py) and their ``--quick``."""
 
 
