@@ -168,6 +168,13 @@ class _SSMLayer(nn.Module):
         if not isinstance(x_t, Tensor) or x_t.dim() != 2 or x_t.shape[1] != self.d_model:
             raise ValueError(f"{name}: step input must be (B, H) with H = {self.d_model}; got "
                              f"{tuple(x_t.shape) if isinstance(x_t, Tensor) else x_t!r}")
+        expected = (x_t.shape[0], self.d_model, self._Bb.shape[-1])
+        if not isinstance(state, Tensor) or tuple(state.shape) != expected:
+            got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+            letter = "N" if isinstance(self, S4) else "M"
+            raise ValueError(f"{name}: step state must be (B, H, {letter}) = {expected} for "
+                             f"this input (x_t {tuple(x_t.shape)}); got {got} (start from "
+                             f"default_state(batch))")
         return self._step(x_t, state)
 
     def _step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,13 +208,19 @@ class S4(_SSMLayer):
         dt_min, dt_max: log-uniform range of the initial steps.
         bidirectional: add a second kernel that reads the future (no recurrent mode then).
         transposed: inputs are (B, H, L) instead of (B, L, H).
+        wide_kernel: compute the kernel (Cauchy sums and Woodbury) in complex128 whatever
+            the parameters' dtype, and cast it back. None (default): on CPU only, where it
+            costs little. In float32 the Woodbury correction cancels catastrophically next
+            to a slow mode (Re Lambda = -real_floor, a discrete pole near a node on the unit
+            circle): complex64 arithmetic leaves the outputs of a LagT N = 64 layer 2e-5 from
+            its float64 self over L = 1000, complex128 1.5e-7 (the recurrence: 4e-6).
     """
 
     def __init__(self, d_model: int, d_state: int = 64, *, l_max: int = 1024,
                  measure: str = "legs", method: str = "bilinear", dt_min: float = 1e-3,
                  dt_max: float = 1e-1, bidirectional: bool = False, transposed: bool = False,
-                 real_floor: float = 1e-4, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
+                 real_floor: float = 1e-4, wide_kernel: bool | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
         self._init_common(d_model, d_state, dt_min, dt_max, bidirectional, transposed, factory)
@@ -219,6 +232,7 @@ class S4(_SSMLayer):
             raise ValueError(f"S4: method must be 'bilinear', 'backward_euler' or 'euler' (ZOH "
                              f"has no Cauchy form; use S4D for it); got {method!r}")
         self.measure, self.method = measure, method
+        self.wide_kernel = wide_kernel
         H, N = d_model, d_state
         cdtype = torch.complex64 if factory["dtype"] == torch.float32 else torch.complex128
         d = dplr(measure, N, half=True)
@@ -240,10 +254,17 @@ class S4(_SSMLayer):
             raise ValueError(f"S4: input length {L} exceeds l_max={self.l_max}; build the layer "
                              f"with l_max >= {L}")
         dt = torch.exp(self.log_dt)  # (H,)
-        K = kernel_dplr(self._lambda()[:, None], _complex(self.P)[:, None],
-                        _complex(self.B)[:, None], _complex(self.C), dt[:, None], self.l_max,
-                        self.method, conj=True, tilde=True)  # (H, c, l_max)
-        return K[..., :L].transpose(0, 1)  # (c, H, L)
+        args = [self._lambda()[:, None], _complex(self.P)[:, None], _complex(self.B)[:, None],
+                _complex(self.C)]  # (H, 1, M), (H, 1, M, r), (H, 1, M), (H, c, M)
+        wide = self.wide_kernel
+        if wide is None:
+            wide = self.log_dt.device.type == "cpu"
+        if wide:
+            args = [t.to(torch.complex128) for t in args]
+            dt = dt.to(torch.float64)
+        K = kernel_dplr(*args, dt[:, None], self.l_max, self.method, conj=True,
+                        tilde=True)  # (H, c, l_max)
+        return K[..., :L].transpose(0, 1).to(self.log_dt.dtype)  # (c, H, L)
 
     def _real_system(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The real (A, B, C~) of each channel in float64, and dt: the conjugate pairs
@@ -412,7 +433,9 @@ class S4Block(nn.Module):
             raise ValueError(f"S4Block: unknown activation {activation!r}; valid: "
                              + ", ".join(repr(a) for a in self._ACTIVATIONS))
         if layer_kwargs.get("transposed"):
-            raise ValueError("S4Block: works on (B, L, H); transposed=True is not supported")
+            raise ValueError("S4Block: works on (B, L, H) (its LayerNorm and output Linear act on "
+                             "the last dim); transposed=True is not supported: pass "
+                             "x.transpose(1, 2) and transpose the output back")
         factory = {k: layer_kwargs[k] for k in ("device", "dtype") if k in layer_kwargs}
         self.ssm = (S4 if layer == "s4" else S4D)(d_model, **layer_kwargs)
         self.norm = nn.LayerNorm(d_model, **factory) if norm else nn.Identity()

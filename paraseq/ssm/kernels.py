@@ -55,6 +55,15 @@ def _vec(fn: str, name: str, t: object, M: int | None = None) -> Tensor:
     return t
 
 
+def _modes(fn: str, name: str, t: object) -> Tensor:
+    """A (..., M) vector of poles or modes with M >= 1: a state of size 0 is no system."""
+    t = _vec(fn, name, t)
+    if t.shape[-1] < 1:
+        raise ValueError(f"{fn}: {name} must hold at least one mode (..., M) with M >= 1; got "
+                         f"shape {tuple(t.shape)} (a state of size 0 has no kernel)")
+    return t
+
+
 def _complex_of(dtype: torch.dtype) -> torch.dtype:
     return {torch.float32: torch.complex64, torch.float64: torch.complex128}.get(dtype, dtype)
 
@@ -86,6 +95,9 @@ def kernel_naive(A: Tensor, B: Tensor, C: Tensor, dt: float | Tensor, L: int,
         raise ValueError(f"{fn}: A must be a square matrix (..., N, N); got "
                          f"{tuple(A.shape) if isinstance(A, Tensor) else type(A).__name__}")
     N = A.shape[-1]
+    if N < 1:
+        raise ValueError(f"{fn}: A must be (..., N, N) with N >= 1; got {tuple(A.shape)} (a "
+                         f"state of size 0 has no kernel)")
     B, C = _vec(fn, "B", B, N), _vec(fn, "C", C, N)
     cplx = A.is_complex() or B.is_complex() or C.is_complex()
     wide = torch.complex128 if cplx else torch.float64
@@ -118,6 +130,22 @@ def cauchy(v: Tensor, alpha: Tensor, beta: Tensor, lam: Tensor) -> Tensor:
     Returns:
         (..., Z, J), complex.
     """
+    fn = "cauchy"
+    for name, t, layout in (("v", v, "(..., J, M)"), ("alpha", alpha, "(..., Z)"),
+                            ("beta", beta, "(..., Z)"), ("lam", lam, "(..., M)")):
+        if not isinstance(t, Tensor) or t.dim() < layout.count(","):
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{fn}: {name} must be a tensor of shape {layout}; got {shape}")
+    if alpha.shape[-1] != beta.shape[-1]:
+        raise ValueError(f"{fn}: alpha and beta must have the same number of nodes Z (last "
+                         f"dim); got alpha {tuple(alpha.shape)} and beta {tuple(beta.shape)}")
+    if v.shape[-1] != lam.shape[-1]:
+        raise ValueError(f"{fn}: v (..., J, M) and lam (..., M) must have the same number of "
+                         f"poles M (last dim); got v {tuple(v.shape)} and lam "
+                         f"{tuple(lam.shape)}")
+    if lam.shape[-1] < 1 or alpha.shape[-1] < 1:
+        raise ValueError(f"{fn}: need at least one pole and one node; got lam "
+                         f"{tuple(lam.shape)} and alpha {tuple(alpha.shape)}")
     Z = alpha.shape[-1]
     batch = torch.broadcast_shapes(v.shape[:-2], alpha.shape[:-1], beta.shape[:-1],
                                    lam.shape[:-1])
@@ -145,6 +173,15 @@ def vandermonde(v: Tensor, log_x: Tensor, L: int) -> Tensor:
     Returns:
         (..., L), complex.
     """
+    fn = "vandermonde"
+    L = _check_L(fn, L)
+    for name, t in (("v", v), ("log_x", log_x)):
+        if not isinstance(t, Tensor) or t.dim() < 1:
+            raise ValueError(f"{fn}: {name} must be a tensor of shape (..., M); got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if v.shape[-1] != log_x.shape[-1] or v.shape[-1] < 1:
+        raise ValueError(f"{fn}: v and log_x must both be (..., M) with the same M >= 1; got "
+                         f"v {tuple(v.shape)} and log_x {tuple(log_x.shape)}")
     batch = torch.broadcast_shapes(v.shape[:-1], log_x.shape[:-1])
     per_k = max(1, math.prod(batch) * log_x.shape[-1])
     step = max(1, _CHUNK_ELEMENTS // per_k)
@@ -202,10 +239,23 @@ def kernel_dplr(Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: float | Ten
     bilinear map): rho = 1 when every discrete pole of the normal part has
     |Ab_n| <= exp(-1/L), else rho = exp(-1/L), which keeps each node a relative 1/L away from
     each pole and grows rounding by e at most.
-    With ``tilde=True`` C is C~ itself (S4 learns C~; no powers at all) and rho = 1.
+    With ``tilde=True`` C is C~ itself (S4 learns C~; no powers at all) and rho = 1, so the
+    nodes stay on the unit circle: a mode of the normal part whose discrete pole is an L-th
+    root of unity (1 - z_l Ab_n = 0, e.g. Lambda_n = 0, which the raw Fourier DPLR has, its A
+    being singular) makes a Cauchy denominator exactly 0, and C~ alone does not determine the
+    kernel there. That raises a ValueError; give every Lambda a negative real part (``nn.S4``
+    floors it at -``real_floor``) or pass the model's C with ``tilde=False``. A pole merely
+    close to a node costs accuracy (about eps / |1 - z_l Ab_n|), not finiteness.
 
-    ZOH is not offered: exp(dt A) is not a rational function of A, so it has no resolvent
-    form and no Cauchy/Woodbury route; use ``kernel_naive`` or a diagonal A.
+    Why there is no ZOH here. The route rests on one identity: for a rational rule,
+    I - z Ab = (scalar I - scalar A) times a matrix that cancels against Bb, so every node
+    needs one resolvent (alpha I - beta A)^-1 of A itself, and the resolvent of a diagonal-
+    plus-low-rank matrix is a Cauchy product plus a Woodbury correction. Under ZOH,
+    Ab = exp(dt A) is not a rational function of A: (I - z exp(dt A))^-1 is no resolvent of
+    A, and exp(dt (Lambda - P P^*)) is a dense matrix with no diagonal-plus-low-rank form
+    (it is not exp(dt Lambda) minus a rank-r term), so neither the Cauchy sum nor Woodbury
+    applies. ``method="zoh"`` raises; use a rational rule, ``kernel_naive`` (dense, any
+    rule), or a diagonal A with ``kernel_diagonal`` (S4D), where exp acts elementwise.
 
     Args:
         Lambda: (..., M) complex poles; P: (..., M, r) (r >= 0); B, C: (..., M).
@@ -229,7 +279,7 @@ def kernel_dplr(Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: float | Ten
                          f"not rational in A); use one of {_RATIONAL}, or kernel_naive, or a "
                          f"diagonal A with kernel_diagonal")
     _check_dt(fn, dt)
-    Lambda = _vec(fn, "Lambda", Lambda)
+    Lambda = _modes(fn, "Lambda", Lambda)
     M = Lambda.shape[-1]
     B, C = _vec(fn, "B", B, M), _vec(fn, "C", C, M)
     if not isinstance(P, Tensor) or P.dim() < 2 or P.shape[-2] != M:
@@ -284,12 +334,35 @@ def kernel_dplr(Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: float | Ten
             sol = torch.linalg.solve(eye + beta[..., None, None] * k_pp, k_pb[..., None])
             corr = (k_cp[..., None, :] @ sol)[..., 0, 0]
         G = G - beta * corr
+    if tilde and not bool(torch.isfinite(G).all()):
+        _pole_on_node(Lambda, P, B, C, dt, L, method)
     G = G * dt[..., None]
     K = torch.fft.irfft(G, n=L) if conj else torch.fft.ifft(G, n=L)  # (..., L)
     if rho != 1.0:
         k = torch.arange(L, dtype=dt.dtype, device=dt.device)
         K = K * torch.exp(k / L)  # 1 / rho^k
     return K
+
+
+def _pole_on_node(Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int,
+                  method: str) -> None:
+    """Explain a non-finite generating function under ``tilde=True`` (always raises)."""
+    fn = "kernel_dplr"
+    for name, t in (("Lambda", Lambda), ("P", P), ("B", B), ("C", C), ("dt", dt)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{fn}: {name} holds non-finite values (inf or nan)")
+    with torch.no_grad():
+        ab, _ = discretize_diagonal(Lambda, torch.ones_like(Lambda), dt, method)  # (..., M)
+        miss = (ab ** L - 1).abs()  # 0 where the discrete pole is an L-th root of unity
+        i = int(miss.flatten().argmin())
+        lam = Lambda.expand_as(ab).flatten()[i].item()
+    raise ValueError(
+        f"{fn}: tilde=True and a pole of the normal part lies on a frequency node: Lambda = "
+        f"{lam:.4g} under {method!r} gives a discrete pole Ab_n with Ab_n^L = 1 (L = {L}), so "
+        f"a Cauchy denominator 1 - z Ab_n is 0 on the unit circle (the raw Fourier DPLR has "
+        f"Lambda = 0; its A is singular). C~ alone does not define the kernel there. Fix: give "
+        f"every Lambda a negative real part (nn.S4 floors Re Lambda at -real_floor), or pass "
+        f"the model's C with tilde=False, which moves the nodes inside the unit circle")
 
 
 # ---------------------------------------------------------------------------- route 3: S4D
@@ -313,7 +386,7 @@ def kernel_diagonal(Lambda: Tensor, B: Tensor, C: Tensor, dt: float | Tensor, L:
     L = _check_L(fn, L)
     method = _check_method(fn, method)
     _check_dt(fn, dt)
-    Lambda = _vec(fn, "Lambda", Lambda)
+    Lambda = _modes(fn, "Lambda", Lambda)
     M = Lambda.shape[-1]
     B, C = _vec(fn, "B", B, M), _vec(fn, "C", C, M)
     cdtype = _complex_of(torch.promote_types(Lambda.dtype, torch.promote_types(B.dtype, C.dtype)))
