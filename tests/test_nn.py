@@ -6,9 +6,13 @@ the input, hx and every parameter to 1e-4 / 1e-8, for every method. float64 is c
 torch.nn's float64 directly; float32 with torch.nn's module run in float64 (the exact answer),
 to 1e-5 / 1e-4 or 10x torch.nn's own float32 error there, whichever is larger: a tiny tensor
 (an h_n of size 1e-3) has a relative rounding error above 1e-5 in torch's float32 as well.
-Every parallel forward is also checked for how it ended: no fallback for the methods that
-converge (newton, damped_newton, quasi_newton, jacobi), and a fallback, where one happened
-(picard nearly always), named in ``last_path``.
+Every parallel forward is also checked for how it ended: a fallback, where one happened
+(picard nearly always), is named in ``last_path``, and none happens with newton or
+damped_newton. quasi_newton and jacobi are asserted not to fall back in the fixed-seed tests
+and, in the hypothesis test, for T <= 8: every method is exact after T iterations, and
+before the solver's patience (8 iterations without halving the residual) can stop it; on
+longer sequences they can stall and fall back (hypothesis found quasi_newton on a tanh RNN,
+H = 3, T = 40; jacobi on an LSTM, H = 2, T = 40, and on relu RNNs that grow).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from paraseq.solve.methods import METHODS
 
 ALL_METHODS = ["auto", *METHODS]
 CONVERGING = ("newton", "damped_newton", "quasi_newton", "jacobi")
+EXACT = ("newton", "damped_newton")
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 OUT_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 GRAD_TOL = {torch.float32: 1e-4, torch.float64: 1e-8}
@@ -107,9 +112,9 @@ def _compare(ref, ours, x, hx, dtype, check_grad=True):
             assert _rel(a, c) <= bound, (_rel(a, c), _rel(b, c))
 
 
-def _check_path(m, method):
-    """last_path names a fallback exactly when one happened; converging methods never fall
-    back (within these tests' problems)."""
+def _check_path(m, method, converges=None):
+    """last_path names a fallback exactly when one happened; converging methods (or
+    ``converges=True``) never fall back (within these tests' problems)."""
     infos = m.last_solve_info
     fell = [i for i in infos if i.fell_back]
     if fell:
@@ -118,7 +123,9 @@ def _check_path(m, method):
                                     f"solves)"), m.last_path
     else:
         assert "fell back" not in m.last_path, m.last_path
-    if method in CONVERGING:
+    if converges is None:
+        converges = method in CONVERGING
+    if converges:
         assert infos and m.last_path == f"parallel ({method})", m.last_path
         assert all(i.converged and not i.fell_back for i in infos), \
             [(i.iterations, i.residuals[-3:]) for i in infos]
@@ -171,7 +178,7 @@ def test_same_seed_same_parameters_and_state_dict_round_trips(mode, kw):
 @given(nonlinearity=st.sampled_from(["tanh", "relu"]), num_layers=st.integers(1, 2),
        bidirectional=st.booleans(), batch_first=st.booleans(), bias=st.booleans(),
        input_size=st.integers(1, 3), H=st.integers(1, 5), proj=st.integers(0, 4),
-       T=st.sampled_from([1, 2, 17, 40, 71]), B=st.integers(1, 3), unbatched=st.booleans(),
+       T=st.sampled_from([1, 2, 8, 17, 40, 71]), B=st.integers(1, 3), unbatched=st.booleans(),
        with_hx=st.booleans(), seed=st.integers(0, 2**16))
 def test_parity_with_torch(mode, method, dtype, nonlinearity, num_layers, bidirectional,
                            batch_first, bias, input_size, H, proj, T, B, unbatched, with_hx,
@@ -199,7 +206,7 @@ def test_parity_with_torch(mode, method, dtype, nonlinearity, num_layers, bidire
         if mode == "LSTM":
             hx = (h0, (0.5 * torch.randn(*lead, H, generator=g, dtype=dtype)).requires_grad_())
     _compare(ref, ours, x, hx, dtype)
-    _check_path(ours, method)
+    _check_path(ours, method, converges=method in EXACT or (method in CONVERGING and T <= 8))
 
 
 def test_picard_falls_back_and_says_so():
