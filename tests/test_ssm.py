@@ -741,6 +741,35 @@ def test_block_forward_step_and_grads(layer):
         assert (run_steps(block, u) - y).abs().max() < 1e-5 * y.abs().max()
 
 
+@pytest.mark.slow
+def test_s4_learns_sign_recall_at_L1000():
+    # python -m paraseq s4's task: the sign of the first input, asked for after 999 steps of
+    # noise (chance 50%). A small S4 (H 8, N 16, batch 16) gets there in ~100-350 Adam steps;
+    # every batch is fresh, so its accuracy before the step is held-out: stop on 5 at >= 98%
+    from paraseq.ssm.cli import SSMClassifier, sign_recall_batch
+
+    L = 1000
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = SSMClassifier(8, 16, L, "s4", dt_min=1e-4, dt_max=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    recent: list[float] = []
+    for _ in range(600):
+        u, y = sign_recall_batch(16, L, g)  # (B, L, 2), (B,)
+        out = model(u)  # (B, 2)
+        recent = [*recent[-4:], (out.argmax(-1) == y).float().mean().item()]
+        if len(recent) == 5 and sum(recent) / 5 >= 0.98:
+            break
+        loss = torch.nn.functional.cross_entropy(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    u, y = sign_recall_batch(512, L, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        acc = (model(u).argmax(-1) == y).float().mean().item()
+    assert acc >= 0.95, acc
+
+
 # -------------------------------------------------------------------------------------- CLI
 
 def test_cli_s4_quick(tmp_path, capsys):

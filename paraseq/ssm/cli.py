@@ -182,14 +182,16 @@ def sign_recall_batch(n: int, L: int, generator: torch.Generator | None = None
 
 
 class SSMClassifier(nn.Module):
-    """Linear(2, H) -> S4Block (no norm) -> Linear(H, 2) on the last step."""
+    """Linear(2, H) -> S4Block (no norm) -> Linear(H, 2) on the last step.
 
-    def __init__(self, H: int, N: int, L: int, layer: str):
+    Further keyword arguments (dt_min, dt_max, ...) go to the S4 / S4D layer."""
+
+    def __init__(self, H: int, N: int, L: int, layer: str, **layer_kw):
         super().__init__()
         from ..nn.s4 import S4Block
 
         self.encoder = nn.Linear(2, H)
-        kw = {"l_max": L} if layer == "s4" else {}
+        kw = {"l_max": L, **layer_kw} if layer == "s4" else layer_kw
         self.block = S4Block(H, layer=layer, d_state=N, norm=False, **kw)
         self.decoder = nn.Linear(H, 2)
 
