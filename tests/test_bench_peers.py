@@ -177,7 +177,8 @@ def test_jax_scan_gru_against_a_float64_torch_gru():
     x = torch.randn(3, 29, 4, dtype=torch.float64)
     params = tuple(peers._to_jax(jax, p.float()) for p in (ref.weight_ih_l0, ref.weight_hh_l0,
                                                            ref.bias_ih_l0, ref.bias_hh_l0))
-    got = peers._torch(scan_gru(params, peers._to_jax(jax, x.float())))
+    xt = x.float().transpose(0, 1).contiguous()  # (T, B, H): the scan is time-major
+    got = peers._torch(scan_gru(params, peers._to_jax(jax, xt))).transpose(0, 1)
     with torch.no_grad():
         want = ref(x)[0]
     torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)

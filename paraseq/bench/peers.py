@@ -7,13 +7,16 @@ guarded); an absent one leaves its columns reading "not installed". The adapters
 - ``jax``: a GRU written here as a jitted ``jax.lax.scan`` (the compiled sequential loop, the
   CPU's practical limit), with the *same weights* as the row's torch.nn.GRU (torch's gate order
   r, z, n; n = tanh(W_in x + b_in + r * (W_hn h + b_hn)); h' = (1 - z) n + z h), on the same
-  input. The input projection for all steps is one matmul before the scan. Forward+backward is
+  input, given to JAX time-major (T, B, H), the layout a scan wants (batch-major input made
+  the loop up to 3.5x slower here, at H = 1, B = 16). The input projection for all steps is
+  one matmul before the scan. Forward+backward is
   ``jax.value_and_grad`` of the sum of the outputs with respect to the weights and the input.
   Column ``jax err``: the largest difference from torch.nn.GRU's outputs (and, for fwd+bwd,
   from torch's gradient with respect to the input), so the comparison is of the same function.
 - ``deer``: DEER (``seq1d`` of machine-discovery/deer: parallel Newton with dense H x H
   Jacobians, its default float32 tolerance atol 1e-4, rtol 1e-3) on the same GRU step and
-  weights, vmapped over the batch as in DEER's own benchmark; the input projection is
+  weights, vmapped over the batch of the time-major input as in DEER's own benchmark
+  (experiments/01_speed_benchmark/seq1d.py); the input projection is
   precomputed for it as for the scan. It is not on PyPI (the PyPI package named ``deer`` is
   another project): a checkout of its repository on PYTHONPATH is detected. Its Jacobians
   take B T H^2 floats, so a cell whose estimate passes ``DEER_MEMORY_BYTES`` is marked
@@ -157,29 +160,29 @@ def _jax_fns():
         n = jnp.tanh(i_n + r * h_n)
         return (1.0 - z) * n + z * h
 
-    def scan_gru(params, x):  # x (B, T, H) -> (B, T, H), h0 = 0
+    def scan_gru(params, x):  # x (T, B, H) -> (T, B, H), h0 = 0
         w_ih, w_hh, b_ih, b_hh = params
-        gi = jnp.swapaxes(x @ w_ih.T + b_ih, 0, 1)  # (T, B, 3 H)
-        h0 = jnp.zeros((x.shape[0], w_hh.shape[1]), x.dtype)  # (B, H)
+        gi = x @ w_ih.T + b_ih  # (T, B, 3 H)
+        h0 = jnp.zeros((x.shape[1], w_hh.shape[1]), x.dtype)  # (B, H)
 
         def step(h, g):
             h = cell(h, g, w_hh, b_hh)
             return h, h
 
-        return jnp.swapaxes(jax.lax.scan(step, h0, gi)[1], 0, 1)
+        return jax.lax.scan(step, h0, gi)[1]
 
-    def deer_gru(params, x):  # x (B, T, H) -> ((B, T, H), (B,) converged)
+    def deer_gru(params, x):  # x (T, B, H) -> ((T, B, H), (B,) converged)
         from deer.fseq1d import seq1d
 
         w_ih, w_hh, b_ih, b_hh = params
-        gi = x @ w_ih.T + b_ih  # (B, T, 3 H)
+        gi = x @ w_ih.T + b_ih  # (T, B, 3 H)
         h0 = jnp.zeros(w_hh.shape[1], x.dtype)  # (H,)
 
         def one(g):  # (T, 3 H) -> (T, H)
             res = seq1d(lambda h, gt, p: cell(h, gt, *p), h0, g, (w_hh, b_hh))
             return res.value, res.success
 
-        return jax.vmap(one)(gi)
+        return jax.vmap(one, in_axes=1, out_axes=(1, 0))(gi)
 
     return jax, scan_gru, deer_gru
 
@@ -246,11 +249,12 @@ def measure(w, ref: torch.nn.GRU, x: torch.Tensor, want: torch.Tensor,
         sd = ref.state_dict()
         params = tuple(_to_jax(jax, sd[k]) for k in ("weight_ih_l0", "weight_hh_l0",
                                                      "bias_ih_l0", "bias_hh_l0"))
-        xj = _to_jax(jax, x)
+        xj = _to_jax(jax, x.transpose(0, 1).contiguous())  # (T, B, H)
+        want = want.transpose(0, 1)  # (T, B, H)
         if w.backward:  # torch's gradient of the outputs' sum to the input, for the err column
             xg = x.detach().clone().requires_grad_(True)
             ref(xg)[0].sum().backward()
-            want_grad = xg.grad
+            want_grad = xg.grad.transpose(0, 1)  # (T, B, H)
     for name in jax_peers:
         try:
             if name == "deer" and deer_bytes(w.hidden, w.batch, w.T, w.backward) \
