@@ -146,10 +146,11 @@ def test_gradcheck(case, B):
             lambda *a: compiled.elman_sequence(*a, nonlinearity=cell), (gi, h0, w, b))
 
 
-@pytest.mark.parametrize("B,H", [(37, 3), (3, 24)], ids=["lanes", "rows"])
+@pytest.mark.parametrize("B,H", [(133, 3), (3, 24)], ids=["lanes", "rows"])
 def test_threads_split_the_batch_exactly(monkeypatch, B, H):
     """Forced onto two threads (each a range of the batch, its own weight gradients, summed),
-    the results are those of one thread."""
+    the results are those of one thread: the same bits but for the weight gradients, summed in
+    another order."""
     gi, h0, c0, w, b, whr = _problem("lstm", B, 9, H, H, False, True, torch.float64, 3)
     wt = torch.randn(B, 9, H, dtype=torch.float64)
     results = []
@@ -162,7 +163,7 @@ def test_threads_split_the_batch_exactly(monkeypatch, B, H):
         grads = torch.autograd.grad((h * wt).sum() + c.sum(), (gi, h0, c0, w, b))
         results.append((h, c) + grads)
     for a, c in zip(*results, strict=True):
-        assert (a - c).abs().max().item() <= 1e-13
+        assert (a - c).abs().max().item() <= 1e-14 * (1 + c.abs().max().item())
 
 
 def test_results_land_in_the_layout_the_kernel_writes():

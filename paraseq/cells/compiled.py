@@ -59,7 +59,7 @@ lane by lane.
 from __future__ import annotations
 
 import importlib.util
-import math
+import itertools
 import os
 import threading
 
@@ -1061,7 +1061,7 @@ def _build() -> dict:
 
 # ----------------------------------------------------------------------------- the plan
 
-_SPLIT_MIN_WORK = 1 << 22
+_SPLIT_MIN_WORK = 1 << 24
 """Threads split the batch only when T B K P (the multiply-adds of the recurrent products,
 a measure of a call's work) reaches this: about 5 ms of one core, well above a hand-off."""
 
@@ -1093,26 +1093,41 @@ def _plan(B: int, T: int, H: int, P: int, K: int, dtype: torch.dtype) -> tuple[s
     B = 8. Rows wins at B = 1 everywhere: a lane kernel then fills one lane in W.
 
     threads: the batch is split across torch.get_num_threads() threads (the kernels release
-    the GIL) when T B K P >= ``_SPLIT_MIN_WORK`` and there are at least two groups of W rows
-    (lanes) or two rows (rows).
+    the GIL) when T B K P >= ``_SPLIT_MIN_WORK`` and there are at least two pieces: rows
+    (rows kernel) or ``_LANES_MIN_GROUPS`` groups of W rows (lanes kernel).
     """
     W = _width(dtype)
     lanes = B >= min(W, max(2, H))
-    units = -(-B // W) if lanes else B
+    units = -(-B // W) // _LANES_MIN_GROUPS if lanes else B
     nt = 1
     if T * B * K * P >= _SPLIT_MIN_WORK:
         nt = max(1, min(torch.get_num_threads(), units))
     return ("lanes" if lanes else "rows"), nt
 
 
+_PIECES_PER_THREAD = 4
+
+_LANES_MIN_GROUPS = 4
+"""A piece of the lanes kernel's batch has at least this many groups of W rows: the groups of
+a piece advance in lockstep, and at small H fewer leave the step's latency exposed (GRU, H = 1,
+B = 256, T = 1e4 on one thread: one piece of 16 groups 14.7 ms, eight pieces of 2 groups one
+after another 54 ms)."""
+
+
 def _run_split(fn, B: int, W: int, nt: int, lanes: bool) -> list:
-    """fn(lo, hi, part) over nt contiguous ranges of batch rows (multiples of W for the lanes
-    kernel), the calling thread running the first; returns the parts' results in order."""
+    """fn(lo, hi) over ranges of batch rows (whole groups of W rows for the lanes kernel) on
+    nt threads, the calling one and nt - 1 from a pool; returns the results in range order.
+    With more than one thread the batch is cut into up to ``_PIECES_PER_THREAD`` nt pieces
+    that the threads take in turn, so a thread the operating system does not schedule (another
+    process holds the core) leaves its pieces to the others instead of holding up the call."""
     if nt <= 1:
-        return [fn(0, B, 0)]
+        return [fn(0, B)]
     global _pool, _pool_pid
     units = -(-B // W) if lanes else B
-    bounds = [units * i // nt for i in range(nt + 1)]
+    n = min(units // _LANES_MIN_GROUPS if lanes else units, _PIECES_PER_THREAD * nt)
+    if n <= 1:
+        return [fn(0, B)]
+    bounds = [units * i // n for i in range(n + 1)]
     if lanes:
         bounds = [min(B, u * W) for u in bounds]
     if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < nt - 1:
@@ -1120,9 +1135,18 @@ def _run_split(fn, B: int, W: int, nt: int, lanes: bool) -> list:
 
         _pool, _pool_pid = ThreadPoolExecutor(max_workers=nt - 1,
                                               thread_name_prefix="paraseq-cells"), os.getpid()
-    futures = [_pool.submit(fn, bounds[i], bounds[i + 1], i) for i in range(1, nt)]
-    first = fn(bounds[0], bounds[1], 0)
-    return [first] + [f.result() for f in futures]
+    results: list = [None] * n
+    counter = itertools.count()  # next() is atomic under the GIL
+
+    def work() -> None:
+        while (i := next(counter)) < n:
+            results[i] = fn(bounds[i], bounds[i + 1])
+
+    futures = [_pool.submit(work) for _ in range(nt - 1)]
+    work()
+    for f in futures:
+        f.result()
+    return results
 
 
 # ----------------------------------------------------------------------------- tensors <-> kernels
@@ -1138,11 +1162,28 @@ def _vec(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().reshape(-1).numpy()
 
 
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """torch.empty, with transparent huge pages asked for on large buffers (the first write
+    into fresh memory faults every 4 KiB page in: at hidden 32, batch 16, T = 1e4 the input
+    projection took 64 ms with torch's allocation, 31 ms into huge pages; see
+    ``paraseq.scan.compiled._empty``)."""
+    from ..scan.compiled import _empty
+
+    return _empty(shape, dtype)
+
+
 def _empty_like_layout(B: int, T: int, X: int, lanes: bool, like: Tensor) -> Tensor:
     """A (B, T, X) tensor laid out as the kernel writes fastest: (X, T, B) or (T, B, X)."""
     if lanes:
-        return like.new_empty(X, T, B).permute(2, 1, 0)
-    return like.new_empty(T, B, X).transpose(0, 1)
+        return _alloc((X, T, B), like.dtype).permute(2, 1, 0)
+    return _alloc((T, B, X), like.dtype).transpose(0, 1)
+
+
+def _alloc_like(t: Tensor) -> Tensor:
+    """An uninitialised tensor with t's shape and the order of its strides (dense)."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    out = _alloc(tuple(t.shape[d] for d in order), t.dtype)
+    return out.permute(*sorted(range(t.dim()), key=lambda d: order[d]))
 
 
 def _pad(t: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -1208,11 +1249,11 @@ def _forward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Te
     c0f = _vec(c0) if lstm else wts.empty
     k = _build()
     if lanes:
-        def part(lo, hi, _):
+        def part(lo, hi):
             k["_lanes_fwd"](cell, gif, gs, h0f, c0f, wts.w, wts.wd, wts.bh, wts.diag, wts.whr,
                             ohf, ohs, ocf, ocs, T, H, P, lo, hi, vw)
     else:
-        def part(lo, hi, _):
+        def part(lo, hi):
             k["_rows_fwd"](cell, gif, gs, h0f, c0f, wts.wT, wts.wd, wts.bh, wts.diag, wts.whrT,
                            ohf, ohs, ocf, ocs, T, H, P, lo, hi, vw)
     _run_split(part, B, W, nt, lanes)
@@ -1242,9 +1283,7 @@ def _backward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: T
         g_h = gi.new_zeros(1, 1, 1).expand(B, T, P)
     if lstm and g_c is None:
         g_c = gi.new_zeros(1, 1, 1).expand(B, T, H)
-    dgi = torch.empty_like(gi)  # the layout of gi, strides kept
-    if not (dgi.stride() == gi.stride()):
-        dgi = _empty_like_layout(B, T, K, lanes, gi)
+    dgi = _alloc_like(gi)  # the layout of gi
     dh0 = gi.new_empty(B, P)
     dc0 = gi.new_empty(B, H) if lstm else None
     gif, gs = _flat(gi)
@@ -1262,7 +1301,7 @@ def _backward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: T
     dtype = gi.dtype
 
     if lanes:
-        def part(lo, hi, _):
+        def part(lo, hi):
             dw = torch.zeros(0 if diag else K * P * W, dtype=dtype)
             dwd = torch.zeros(K * W if diag else 0, dtype=dtype)
             dbh = torch.zeros(K * W, dtype=dtype)
@@ -1276,7 +1315,7 @@ def _backward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: T
     else:
         Hp, Pp = wts.Hp, wts.Pp
 
-        def part(lo, hi, _):
+        def part(lo, hi):
             dw = torch.zeros(0 if diag else K * Pp, dtype=dtype)
             dwd = torch.zeros(NQ * Hp if diag else 0, dtype=dtype)
             dbh = torch.zeros(NQ * Hp, dtype=dtype)
@@ -1408,23 +1447,65 @@ F.linear, whose bias comes free, costs less than the transposed matmul plus a bi
 same speed."""
 
 
+class _Projection(torch.autograd.Function):
+    """x2 (N, n) -> W x2^T + b as (K, N) (lanes: batch contiguous) or x2 W^T + b as (N, K),
+    into a buffer with huge pages (``_alloc``)."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, lanes):
+        N, n = x2.shape
+        K = weight.shape[0]
+        if lanes:
+            gi = _alloc((K, N), x2.dtype)
+            if n == 1:  # an outer product
+                torch.mul(weight, x2.reshape(1, N), out=gi)
+            else:
+                torch.mm(weight, x2.t(), out=gi)
+            if bias is not None:
+                gi.add_(bias.unsqueeze(1))  # addmm's broadcast bias would cost a pass more
+        else:
+            gi = _alloc((N, K), x2.dtype)
+            if bias is None:
+                torch.mm(x2, weight.t(), out=gi)
+            else:
+                torch.addmm(bias, x2, weight.t(), out=gi)
+        ctx.save_for_backward(x2, weight)
+        ctx.lanes, ctx.bias = lanes, bias is not None
+        return gi
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight = ctx.saved_tensors
+        gNK = g.t() if ctx.lanes else g  # (N, K)
+        dx = gNK @ weight if ctx.needs_input_grad[0] else None
+        dw = gNK.t() @ x2 if ctx.needs_input_grad[1] else None
+        db = gNK.sum(0) if ctx.bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+
+_LANES_LAYOUT_MAX_H = 4
+"""``input_projection`` lays gi out batch-contiguous, (K, T, B), only up to this hidden size:
+there the lanes kernel is bound by the latency of a step and its W-lane vector loads save
+~20% (GRU, B = 16: H = 1, T = 1e5: projection + kernel 10.2 ms against 16.5 ms reading
+torch's (T, B, K) layout lane by lane; H = 4: 7.1 against 9.1 ms). From H = 8 on the matmul
+in torch's orientation, whose bias comes free, costs less than the transposed one plus a bias
+pass (H = 32: 44 against 51 ms) and the kernel, bound by arithmetic, reads either layout at
+the same speed."""
+
+
 def input_projection(x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None,
                      hidden_size: int) -> Tensor:
     """gi = W_ih x + b_ih for all steps of x (T, B, n): (B, T, K), laid out for the kernel the
     compiled loops will pick for this batch and hidden size: memory (K, T, B) (the batch
     contiguous) for the lanes kernel at small H (``_LANES_LAYOUT_MAX_H``), torch's (T, B, K)
-    (F.linear) otherwise. Autograd flows through it as through F.linear."""
+    otherwise; F.linear's values and gradients, into a buffer with huge pages (``_alloc``)."""
     T, B, n = x.shape
     K = weight_ih.shape[0]
-    if (hidden_size > _LANES_LAYOUT_MAX_H or not supported(x)
-            or _plan(B, T, hidden_size, hidden_size, K, x.dtype)[0] != "lanes"):
+    if not supported(x) or weight_ih.dtype != x.dtype:
         return torch.nn.functional.linear(x, weight_ih, bias_ih).transpose(0, 1)
-    if n == 1:  # an outer product, bias included, in one pass
-        xr = x.reshape(1, T * B)
-        gi = weight_ih * xr if bias_ih is None else torch.addcmul(bias_ih.unsqueeze(1),
-                                                                   weight_ih, xr)
-    else:
-        gi = torch.mm(weight_ih, x.reshape(T * B, n).t())  # (K, T B)
-        if bias_ih is not None:
-            gi = gi.add_(bias_ih.unsqueeze(1))  # in place: addmm's broadcast bias costs more
-    return gi.view(K, T, B).permute(2, 1, 0)
+    lanes = (hidden_size <= _LANES_LAYOUT_MAX_H
+             and _plan(B, T, hidden_size, hidden_size, K, x.dtype)[0] == "lanes")
+    gi = _Projection.apply(x.reshape(T * B, n), weight_ih, bias_ih, lanes)
+    if lanes:
+        return gi.view(K, T, B).permute(2, 1, 0)
+    return gi.view(T, B, K).transpose(0, 1)
