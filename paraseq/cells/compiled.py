@@ -496,38 +496,6 @@ def _lstm_b(i, f, g, o, tc, cp, dm, dc):
             dm * tc * o * (1.0 - o), dct * f)
 
 
-def _lanes_rec(w, wd, bh, diag, hS, hb, gh, K, H, P, vw):
-    """gh[j] = W_hh[j] h + b_hh[j] for the lanes of one group (h at hS[hb + k W])."""
-    W = len(vw)
-    if diag:
-        for j in range(K):
-            _vstore(gh, j * W, wd[j] * _vload(hS, hb + (j % H) * W, vw) + bh[j])
-    else:
-        # four rows of W_hh at a time: four independent FMA chains share each load of h
-        j = 0
-        while j + 4 <= K:
-            a0 = _vfull(bh[j], gh, vw)
-            a1 = _vfull(bh[j + 1], gh, vw)
-            a2 = _vfull(bh[j + 2], gh, vw)
-            a3 = _vfull(bh[j + 3], gh, vw)
-            for k in range(P):
-                hk = _vload(hS, hb + k * W, vw)
-                a0 = a0 + w[j * P + k] * hk
-                a1 = a1 + w[(j + 1) * P + k] * hk
-                a2 = a2 + w[(j + 2) * P + k] * hk
-                a3 = a3 + w[(j + 3) * P + k] * hk
-            _vstore(gh, j * W, a0)
-            _vstore(gh, (j + 1) * W, a1)
-            _vstore(gh, (j + 2) * W, a2)
-            _vstore(gh, (j + 3) * W, a3)
-            j += 4
-        for jj in range(j, K):
-            acc = _vfull(bh[jj], gh, vw)
-            for k in range(P):
-                acc = acc + w[jj * P + k] * _vload(hS, hb + k * W, vw)
-            _vstore(gh, jj * W, acc)
-
-
 def _lanes_fwd(cell, gi, gs, h0, c0, w, wd, bh, diag, whr, oh, ohs, oc, ocs, T, H, P, lo, hi,
                vw):
     """Rows [lo, hi) of the batch, W at a time in lockstep. h0 (B, P), c0 (B, H) row-major;
@@ -557,7 +525,33 @@ def _lanes_fwd(cell, gi, gs, h0, c0, w, wd, bh, diag, whr, oh, ohs, oc, ocs, T, 
             b0 = lo + grp * W
             n = min(W, hi - b0)
             hb = grp * P * W
-            _lanes_rec(w, wd, bh, diag, hS, hb, gh, K, H, P, vw)
+            if diag:
+                for j in range(K):
+                    _vstore(gh, j * W, wd[j] * _vload(hS, hb + (j % H) * W, vw) + bh[j])
+            else:
+                # four rows of W_hh at a time: four independent FMA chains share each load of h
+                j = 0
+                while j + 4 <= K:
+                    a0 = _vfull(bh[j], gh, vw)
+                    a1 = _vfull(bh[j + 1], gh, vw)
+                    a2 = _vfull(bh[j + 2], gh, vw)
+                    a3 = _vfull(bh[j + 3], gh, vw)
+                    for k in range(P):
+                        hk = _vload(hS, hb + k * W, vw)
+                        a0 = a0 + w[j * P + k] * hk
+                        a1 = a1 + w[(j + 1) * P + k] * hk
+                        a2 = a2 + w[(j + 2) * P + k] * hk
+                        a3 = a3 + w[(j + 3) * P + k] * hk
+                    _vstore(gh, j * W, a0)
+                    _vstore(gh, (j + 1) * W, a1)
+                    _vstore(gh, (j + 2) * W, a2)
+                    _vstore(gh, (j + 3) * W, a3)
+                    j += 4
+                for jj in range(j, K):
+                    acc = _vfull(bh[jj], gh, vw)
+                    for k in range(P):
+                        acc = acc + w[jj * P + k] * _vload(hS, hb + k * W, vw)
+                    _vstore(gh, jj * W, acc)
             x0 = t * st + b0 * sb
             o0 = t * ot + b0 * ob
             if cell == _GRU:
@@ -654,7 +648,33 @@ def _lanes_bwd(cell, gi, gs, h0, c0, w, wd, bh, diag, whr, oh, ohs, oc, ocs, gh_
                     else:
                         v = _ld(oc, (t - 1) * ct + b0 * cb + i * ci, cb, n, vw)
                     _vstore(cp, i * W, v)
-            _lanes_rec(w, wd, bh, diag, hp, 0, gh, K, H, P, vw)
+            if diag:
+                for j in range(K):
+                    _vstore(gh, j * W, wd[j] * _vload(hp, (j % H) * W, vw) + bh[j])
+            else:
+                # four rows of W_hh at a time: four independent FMA chains share each load of h
+                j = 0
+                while j + 4 <= K:
+                    a0 = _vfull(bh[j], gh, vw)
+                    a1 = _vfull(bh[j + 1], gh, vw)
+                    a2 = _vfull(bh[j + 2], gh, vw)
+                    a3 = _vfull(bh[j + 3], gh, vw)
+                    for k in range(P):
+                        hk = _vload(hp, k * W, vw)
+                        a0 = a0 + w[j * P + k] * hk
+                        a1 = a1 + w[(j + 1) * P + k] * hk
+                        a2 = a2 + w[(j + 2) * P + k] * hk
+                        a3 = a3 + w[(j + 3) * P + k] * hk
+                    _vstore(gh, j * W, a0)
+                    _vstore(gh, (j + 1) * W, a1)
+                    _vstore(gh, (j + 2) * W, a2)
+                    _vstore(gh, (j + 3) * W, a3)
+                    j += 4
+                for jj in range(j, K):
+                    acc = _vfull(bh[jj], gh, vw)
+                    for k in range(P):
+                        acc = acc + w[jj * P + k] * _vload(hp, k * W, vw)
+                    _vstore(gh, jj * W, acc)
             for k in range(P):  # dL/dh_t: from step t + 1 and from the output at t
                 _vstore(dh, k * W, _vload(dh, k * W, vw)
                         + _ld(gh_, t * gt + b0 * gb + k * gk, gb, n, vw))
@@ -767,45 +787,6 @@ def _lanes_bwd(cell, gi, gs, h0, c0, w, wd, bh, diag, whr, oh, ohs, oc, ocs, gh_
                 _vstore_s(dc0, b0 * H + i, H, n, _vload(dc, i * W, vw))
 
 
-def _rows_rec(wT, wd, bh, diag, hS, gh, NQ, Hp, H, P, vw):
-    """gh (NQ, Hp) = W_hh h + b_hh for one row, vectors over units; wT (P, NQ Hp) is W_hh
-    transposed and zero-padded, h scalars at hS[k]."""
-    W = len(vw)
-    KB = NQ * Hp // W
-    if diag:
-        for q in range(NQ):
-            for ib in range(Hp // W):
-                o = q * Hp + ib * W
-                _vstore(gh, o, _vload(wd, o, vw) * _vload(hS, ib * W, vw) + _vload(bh, o, vw))
-    else:
-        # four vectors of gate units at a time, held in registers across k
-        R = NQ * Hp
-        jb = 0
-        while jb + 4 <= KB:
-            o = jb * W
-            a0 = _vload(bh, o, vw)
-            a1 = _vload(bh, o + W, vw)
-            a2 = _vload(bh, o + 2 * W, vw)
-            a3 = _vload(bh, o + 3 * W, vw)
-            for k in range(P):
-                hk = hS[k]
-                a0 = a0 + _vload(wT, k * R + o, vw) * hk
-                a1 = a1 + _vload(wT, k * R + o + W, vw) * hk
-                a2 = a2 + _vload(wT, k * R + o + 2 * W, vw) * hk
-                a3 = a3 + _vload(wT, k * R + o + 3 * W, vw) * hk
-            _vstore(gh, o, a0)
-            _vstore(gh, o + W, a1)
-            _vstore(gh, o + 2 * W, a2)
-            _vstore(gh, o + 3 * W, a3)
-            jb += 4
-        for jj in range(jb, KB):
-            o = jj * W
-            acc = _vload(bh, o, vw)
-            for k in range(P):
-                acc = acc + _vload(wT, k * R + o, vw) * hS[k]
-            _vstore(gh, o, acc)
-
-
 def _rows_fwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, T, H, P, lo, hi,
               vw):
     """Rows [lo, hi) one after another, vectors over W units. Padded (zeros beyond H or P):
@@ -833,7 +814,39 @@ def _rows_fwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, T,
             for i in range(H):
                 cS[i] = c0[b * H + i]
         for t in range(T):
-            _rows_rec(wT, wd, bh, diag, hS, gh, NQ, Hp, H, P, vw)
+            KB = NQ * Hp // W
+            if diag:
+                for q in range(NQ):
+                    for ib in range(Hp // W):
+                        o = q * Hp + ib * W
+                        _vstore(gh, o, _vload(wd, o, vw) * _vload(hS, ib * W, vw) + _vload(bh, o, vw))
+            else:
+                # four vectors of gate units at a time, held in registers across k
+                R = NQ * Hp
+                jb = 0
+                while jb + 4 <= KB:
+                    o = jb * W
+                    a0 = _vload(bh, o, vw)
+                    a1 = _vload(bh, o + W, vw)
+                    a2 = _vload(bh, o + 2 * W, vw)
+                    a3 = _vload(bh, o + 3 * W, vw)
+                    for k in range(P):
+                        hk = hS[k]
+                        a0 = a0 + _vload(wT, k * R + o, vw) * hk
+                        a1 = a1 + _vload(wT, k * R + o + W, vw) * hk
+                        a2 = a2 + _vload(wT, k * R + o + 2 * W, vw) * hk
+                        a3 = a3 + _vload(wT, k * R + o + 3 * W, vw) * hk
+                    _vstore(gh, o, a0)
+                    _vstore(gh, o + W, a1)
+                    _vstore(gh, o + 2 * W, a2)
+                    _vstore(gh, o + 3 * W, a3)
+                    jb += 4
+                for jj in range(jb, KB):
+                    o = jj * W
+                    acc = _vload(bh, o, vw)
+                    for k in range(P):
+                        acc = acc + _vload(wT, k * R + o, vw) * hS[k]
+                    _vstore(gh, o, acc)
             x0 = b * sb + t * st
             o0 = b * ob + t * ot
             for ib in range(Hp // W):
@@ -934,7 +947,39 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
                     else:
                         v = _ld(oc, b * cb + (t - 1) * ct + i0 * ci, ci, n, vw)
                     _vstore(cp, i0, v)
-            _rows_rec(wT, wd, bh, diag, hp, gh, NQ, Hp, H, P, vw)
+            KB = NQ * Hp // W
+            if diag:
+                for q in range(NQ):
+                    for ib in range(Hp // W):
+                        o = q * Hp + ib * W
+                        _vstore(gh, o, _vload(wd, o, vw) * _vload(hp, ib * W, vw) + _vload(bh, o, vw))
+            else:
+                # four vectors of gate units at a time, held in registers across k
+                R = NQ * Hp
+                jb = 0
+                while jb + 4 <= KB:
+                    o = jb * W
+                    a0 = _vload(bh, o, vw)
+                    a1 = _vload(bh, o + W, vw)
+                    a2 = _vload(bh, o + 2 * W, vw)
+                    a3 = _vload(bh, o + 3 * W, vw)
+                    for k in range(P):
+                        hk = hp[k]
+                        a0 = a0 + _vload(wT, k * R + o, vw) * hk
+                        a1 = a1 + _vload(wT, k * R + o + W, vw) * hk
+                        a2 = a2 + _vload(wT, k * R + o + 2 * W, vw) * hk
+                        a3 = a3 + _vload(wT, k * R + o + 3 * W, vw) * hk
+                    _vstore(gh, o, a0)
+                    _vstore(gh, o + W, a1)
+                    _vstore(gh, o + 2 * W, a2)
+                    _vstore(gh, o + 3 * W, a3)
+                    jb += 4
+                for jj in range(jb, KB):
+                    o = jj * W
+                    acc = _vload(bh, o, vw)
+                    for k in range(P):
+                        acc = acc + _vload(wT, k * R + o, vw) * hp[k]
+                    _vstore(gh, o, acc)
             x0 = b * sb + t * st
             d0 = b * db_ + t * dt_
             if lstm:
@@ -1030,7 +1075,6 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
 
 _NGATES_T = (1, 1, 3, 4)  # _NGATES as a tuple the kernels index (a compile-time constant)
 
-_HELPERS = ("_lanes_rec", "_rows_rec")
 _VEC_HELPERS = ("_gru_f", "_gru_b", "_elman_f", "_elman_b", "_lstm_f", "_lstm_b")
 _ENTRY = ("_lanes_fwd", "_lanes_bwd", "_rows_fwd", "_rows_bwd")
 
@@ -1049,8 +1093,6 @@ def _build() -> dict:
 
         _define_simd(numba)
         g = globals()
-        for name in _HELPERS:
-            g[name] = numba.njit(inline="always", cache=True)(g[name])
         for name in _VEC_HELPERS:
             g[name] = numba.njit(cache=True)(g[name])
         kernels = {name: numba.njit(cache=True, nogil=True, error_model="numpy")(g[name])
