@@ -224,6 +224,37 @@ def test_supported_only_on_cpu_float32_float64():
     assert not compiled.supported(torch.zeros(1, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tanh_and_sigmoid_match_torch_over_their_range(dtype):
+    """With no recurrence the loops are their transcendentals: Elman's h = tanh(gi), an LSTM's
+    c = sigmoid(gi_i) tanh(gi_g) (c0 = 0). float64 (vectorised expm1): within a few ulp,
+    relative, tiny arguments included; float32 (the rational tanh): within 4e-7."""
+    x = torch.cat([torch.linspace(-30, 30, 6001, dtype=dtype),
+                   torch.logspace(-12, 0, 200, dtype=dtype),
+                   -torch.logspace(-12, 0, 200, dtype=dtype), torch.tensor([0.0, 700.0, -745.0,
+                                                                            1e4, -1e4],
+                                                                           dtype=dtype)])
+    N = x.numel()
+    gi = x.view(N, 1, 1).expand(N, 3, 1).contiguous()  # lanes (B = N), 3 steps
+    h = compiled.elman_sequence(gi, torch.zeros(N, 1, dtype=dtype), torch.zeros(1, 1,
+                                dtype=dtype), None)
+    ref = torch.tanh(x).view(N, 1).expand(N, 3)
+    rel = ((h[..., 0] - ref).abs() / ref.abs().clamp_min(1e-300)).max().item()
+    g4 = torch.stack([x, torch.zeros_like(x), torch.ones_like(x), torch.zeros_like(x)], -1)
+    _, c = compiled.lstm_sequence(g4.view(N, 1, 4), torch.zeros(N, 1, dtype=dtype),
+                                  torch.zeros(N, 1, dtype=dtype), torch.zeros(4, 1, dtype=dtype),
+                                  None)
+    cref = torch.sigmoid(x) * torch.tanh(torch.ones((), dtype=dtype))
+    if dtype == torch.float64:
+        assert rel < 1e-15
+        inside = x >= -700  # below, sigmoid < 1e-304: the loop clamps its argument there
+        crel = ((c[:, 0, 0] - cref).abs() / cref)[inside].max().item()
+        assert crel < 1e-15 and (c[:, 0, 0] - cref)[~inside].abs().max().item() < 1e-300
+    else:
+        assert (h[..., 0] - ref).abs().max().item() < 4e-7
+        assert (c[:, 0, 0] - cref).abs().max().item() < 6e-7
+
+
 def test_fast_tanh_is_within_4e7_of_tanh_in_float32():
     import numpy as np
 
