@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 
 import torch
 from torch import Tensor
@@ -45,8 +46,17 @@ _module = None
 
 
 def interpreted() -> bool:
-    """Whether triton's interpreter is asked for (``TRITON_INTERPRET=1``): kernels run on CPU."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether triton's interpreter is on (``TRITON_INTERPRET=1``): kernels run on the CPU.
+    triton reads the variable when it is imported, so setting it after that does not count."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    if "triton" not in sys.modules:
+        return True
+    try:  # imported with the interpreter on, triton's own library functions are interpreted
+        from triton.language import standard
+        return type(standard.sum).__name__ == "InterpretedFunction"
+    except (ImportError, AttributeError):
+        return True
 
 
 def triton_available(device: torch.device | None = None) -> bool:
