@@ -146,24 +146,24 @@ def test_gradcheck(case, B):
             lambda *a: compiled.elman_sequence(*a, nonlinearity=cell), (gi, h0, w, b))
 
 
-@pytest.mark.parametrize("B,H", [(133, 3), (3, 24)], ids=["lanes", "rows"])
-def test_threads_split_the_batch_exactly(monkeypatch, B, H):
-    """Forced onto two threads (each a range of the batch, its own weight gradients, summed),
+@pytest.mark.parametrize("kernel", ["lanes", "rows"])
+def test_threads_split_the_batch_exactly(monkeypatch, kernel):
+    """Split across two threads (each a range of the batch, its own weight gradients, summed),
     the results are those of one thread: the same bits but for the weight gradients, summed in
-    another order."""
-    gi, h0, c0, w, b, whr = _problem("lstm", B, 9, H, H, False, True, torch.float64, 3)
-    wt = torch.randn(B, 9, H, dtype=torch.float64)
+    another order. (``_plan`` splits only large lanes problems; forced here.)"""
+    B, H = 133, 3  # 9 groups of 16 (float32) rows: two pieces of 4+ groups
+    gi, h0, c0, w, b, whr = _problem("lstm", B, 9, H, H, False, True, torch.float32, 3)
+    wt = torch.randn(B, 9, H)
     results = []
-    for work in (compiled._SPLIT_MIN_WORK, 0):
-        monkeypatch.setattr(compiled, "_SPLIT_MIN_WORK", work)
-        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-        if work == 0:
-            assert compiled._plan(B, 9, H, H, 4 * H, torch.float64)[1] == 2
+    for nt in (1, 2):
+        monkeypatch.setattr(compiled, "_plan", lambda *a, nt=nt: (kernel, nt))
         h, c = compiled.lstm_sequence(gi, h0, c0, w, b)
         grads = torch.autograd.grad((h * wt).sum() + c.sum(), (gi, h0, c0, w, b))
         results.append((h, c) + grads)
     for a, c in zip(*results, strict=True):
-        assert (a - c).abs().max().item() <= 1e-14 * (1 + c.abs().max().item())
+        assert (a - c).abs().max().item() <= 1e-6 * (1 + c.abs().max().item())
+    for a, c in zip(results[0][:4], results[1][:4], strict=True):
+        assert torch.equal(a, c)
 
 
 def test_results_land_in_the_layout_the_kernel_writes():
