@@ -152,14 +152,14 @@ def test_threads_split_the_batch_exactly(monkeypatch, kernel):
     the results are those of one thread: the same bits but for the weight gradients, summed in
     another order. (``_plan`` splits only large lanes problems; forced here.)"""
     B, H = 133, 3  # 9 groups of 16 (float32) rows: two pieces of 4+ groups
-    gi, h0, c0, w, b, whr = _problem("lstm", B, 9, H, H, False, True, torch.float32, 3)
+    gi, h0, c0, w, b, _ = _problem("lstm", B, 9, H, H, False, True, torch.float32, 3)
     wt = torch.randn(B, 9, H)
     results = []
     for nt in (1, 2):
         monkeypatch.setattr(compiled, "_plan", lambda *a, nt=nt: (kernel, nt))
         h, c = compiled.lstm_sequence(gi, h0, c0, w, b)
         grads = torch.autograd.grad((h * wt).sum() + c.sum(), (gi, h0, c0, w, b))
-        results.append((h, c) + grads)
+        results.append((h, c, *grads))
     for a, c in zip(*results, strict=True):
         assert (a - c).abs().max().item() <= 1e-6 * (1 + c.abs().max().item())
     for a, c in zip(results[0][:4], results[1][:4], strict=True):
@@ -210,7 +210,7 @@ def test_bad_arguments_raise_naming_them():
         compiled.gru_sequence(gi, torch.zeros(2, 3), torch.zeros(6, 2), None)
     with pytest.raises(ValueError, match="weight_hh must have shape"):
         compiled.gru_sequence(gi, torch.zeros(2, 2), torch.zeros(6, 3), None)
-    with pytest.raises(ValueError, match="gi.shape\\[-1\\] must be 4 H"):
+    with pytest.raises(ValueError, match=r"gi.shape\[-1\] must be 4 H"):
         compiled.lstm_sequence(gi, torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(4, 1), None)
     with pytest.raises(ValueError, match="float32/float64"):
         compiled.gru_sequence(gi.half(), torch.zeros(2, 2), torch.zeros(6, 2), None)

@@ -745,7 +745,6 @@ def _lanes_bwd(cell, gi, gs, h0, c0, w, wd, bh, diag, whr, oh, ohs, oc, ocs, gh_
                     _vstore(dy, (2 * H + i) * W, r[3])
                     _vstore(dhn, i * W, r[4])
             elif lstm:
-                c0_ = t * ct + b0 * cb
                 for i in range(H):
                     s = _lstm_f(_ld(gi, x0 + i * sj, sb, n, vw),
                                 _ld(gi, x0 + (H + i) * sj, sb, n, vw),
@@ -866,7 +865,8 @@ def _rows_fwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, T,
                 for q in range(NQ):
                     for ib in range(Hp // W):
                         o = q * Hp + ib * W
-                        _vstore(gh, o, _vload(wd, o, vw) * _vload(hS, ib * W, vw) + _vload(bh, o, vw))
+                        _vstore(gh, o, _vload(wd, o, vw) * _vload(hS, ib * W, vw)
+                                + _vload(bh, o, vw))
             else:
                 # four vectors of gate units at a time, held in registers across k
                 R = NQ * Hp
@@ -999,7 +999,8 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
                 for q in range(NQ):
                     for ib in range(Hp // W):
                         o = q * Hp + ib * W
-                        _vstore(gh, o, _vload(wd, o, vw) * _vload(hp, ib * W, vw) + _vload(bh, o, vw))
+                        _vstore(gh, o, _vload(wd, o, vw) * _vload(hp, ib * W, vw)
+                                + _vload(bh, o, vw))
             else:
                 # four vectors of gate units at a time, held in registers across k
                 R = NQ * Hp
@@ -1465,7 +1466,7 @@ def _check(fn: str, gi: Tensor, states: tuple[tuple[str, Tensor, int], ...], wei
         raise ValueError(f"{fn}: the compiled loops take float32/float64 CPU tensors with numba "
                          f"installed; got {gi.dtype} on {gi.device} (numba installed: "
                          f"{AVAILABLE})")
-    B, T, K = gi.shape
+    B, _, K = gi.shape
     if K % NQ:
         raise ValueError(f"{fn}: gi.shape[-1] must be {NQ} H; got {K}")
     H = K // NQ
