@@ -295,7 +295,7 @@ def test_auto_is_parallel_for_long_sequences_and_native_for_short(mode):
     x = torch.randn(2000, 1, 2)
     with torch.no_grad():
         _compare(ref, ours, x, None, torch.float32, check_grad=False)
-    if mode == "GRU" and compiled.AVAILABLE:  # small B H: the compiled loop
+    if compiled.AVAILABLE:  # small B H: the compiled loop
         assert ours.last_path == "compiled loop" and ours.last_solve_info == []
     else:
         assert ours.last_solve_info and ours.last_solve_info[0].method == "newton"
@@ -307,15 +307,22 @@ def test_auto_is_parallel_for_long_sequences_and_native_for_short(mode):
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_gru_sequential_paths_both_match_torch(batch_first):
-    """Wide (B H > 256): torch's kernel; narrow: the compiled loop (where numba is present)."""
-    for B, H in ((40, 8), (2, 8)):
-        ref, ours = _pair("GRU", B, torch.float64, input_size=3, hidden_size=H, num_layers=2,
-                          bidirectional=True, batch_first=batch_first, method="sequential")
-        x = torch.randn((B, 50, 3) if batch_first else (50, B, 3), dtype=torch.float64,
+@pytest.mark.parametrize("mode", ["RNN", "GRU", "LSTM"])
+def test_sequential_paths_both_match_torch(mode, batch_first):
+    """Where the compiled loop beats torch's kernel (narrow; numba present): the compiled loop,
+    elsewhere torch's kernel; both give torch.nn's numbers and gradients."""
+    from paraseq.nn.rnn import _compiled_beats_torch
+
+    kw = {"proj_size": 2} if mode == "LSTM" else {}
+    for B, H in ((2, 8), (16, 300) if mode != "LSTM" else (20, 12)):
+        ref, ours = _pair(mode, B, torch.float64, input_size=3, hidden_size=H, num_layers=2,
+                          bidirectional=True, batch_first=batch_first, method="sequential", **kw)
+        x = torch.randn((B, 6, 3) if batch_first else (6, B, 3), dtype=torch.float64,
                         requires_grad=True)
         _compare(ref, ours, x, None, torch.float64)
-        narrow = B * H <= 256 and compiled.AVAILABLE
+        full = {"RNN": "RNN_TANH"}.get(mode, mode)
+        narrow = _compiled_beats_torch(full, B, H, True) and compiled.AVAILABLE
+        assert narrow == (H == 8)
         assert ours.last_path == ("compiled loop" if narrow else "torch kernel")
 
 
@@ -426,7 +433,9 @@ def test_diagonal_modules_match_their_loop(mode, dtype):
     torch.manual_seed(0)
     seq = getattr(pnn, mode)(3, 6, num_layers=2, bidirectional=True, method="sequential")
     seq = seq.to(dtype)
-    method = "quasi_newton" if mode == "DiagGRU" else "auto"  # auto: the compiled loop
+    # the sequential path is a compiled loop (where numba is present); exact Newton is the
+    # elementwise scan for DiagGRU and the 2 x 2 block scan for DiagLSTM
+    method = "quasi_newton" if mode == "DiagGRU" else "newton"
     par = getattr(pnn, mode)(3, 6, num_layers=2, bidirectional=True, method=method).to(dtype)
     par.load_state_dict(seq.state_dict())
     assert seq.weight_hh_l0.shape == ((18,) if mode == "DiagGRU" else (24,))

@@ -1534,14 +1534,6 @@ def lstm_sequence(gi: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor, bias_hh
                            _prep(gi, bias_hh), _prep(gi, weight_hr))
 
 
-_LANES_LAYOUT_MAX_H = 4
-"""``input_projection`` lays gi out batch-contiguous, (K, T, B), only up to this hidden size:
-there the lanes kernel is bound by the latency of a step and its W-lane vector loads save
-~20% (GRU, B = 16: H = 1, T = 1e5: projection + kernel 10.2 ms against 16.5 ms reading
-torch's (T, B, K) layout lane by lane; H = 4: 7.1 against 9.1 ms). From H = 8 on torch's
-F.linear, whose bias comes free, costs less than the transposed matmul plus a bias pass
-(H = 32: 44 against 51 ms) and the kernel, bound by arithmetic, reads either layout at the
-same speed."""
 
 
 class _Projection(torch.autograd.Function):

@@ -112,13 +112,29 @@ _FUSED_TRAINING_FACTOR = 2
 kernels (measured on the 2-core CPU, GRU, T = 1e3: newton against torch.nn.GRU goes from
 1.35x to 2.8x at hidden 8, batch 16, and from 0.17x to 0.37x at hidden 32, batch 16)."""
 
-_COMPILED_MAX_BH = 256
+_COMPILED_LOOPS = {"GRU": "gru_sequence", "RNN_TANH": "elman_sequence",
+                   "RNN_RELU": "elman_sequence", "LSTM": "lstm_sequence"}
+"""The compiled sequential loops of ``paraseq.cells.compiled`` by mode (called in
+``_compiled_sequence``; a (K H,) weight_hh is the diagonal recurrence of DiagGRU/DiagLSTM).
+A name missing from the module is simply not used."""
 
-_COMPILED_LOOPS = {"GRU": "gru_sequence"}
-"""The compiled sequential loops of ``paraseq.cells.compiled`` by mode (a function
-``name(gi (B, T, K H), h0, weight_hh, bias_hh) -> (B, T, H)``): a loop for another mode hooks
-in with an entry here, a branch in ``_compiled_sequence`` if its state is a tuple (LSTM), and
-its own bound in ``_compiled_pays``. A name missing from the module is simply not used."""
+
+def _compiled_beats_torch(mode: str, B: int, H: int, training: bool) -> bool:
+    """Where the compiled loop beats torch's fused kernel on a CPU (``benchmarks/compiled.py
+    --bound``: T = 1e3, float32, one layer, 2-core Xeon, ratios taken in one run). GRU: up to
+    B H = 8192 (about 1.0x at B = 256, H >= 64); training also H <= 128 (B = 16, H = 256:
+    0.79x, the per-lane weight-gradient accumulators leave the caches). Elman: B H <= 8192
+    (B = 256, H = 64: 0.89x); training B H <= 4096 (B = 64, H = 128: 0.94x). LSTM, whose
+    torch kernel is oneDNN's and far faster than its GRU: H <= 8 (1.3x to 2.7x up to
+    B = 256) or B = 1 and H <= 128 (1.23x); training H <= 8 and B <= 16, or B = 1 and
+    H <= 32 (B = 64, H = 8: 0.87x; B >= 16 with H >= 32: 0.48x to 0.76x)."""
+    if mode == "GRU":
+        return B * H <= 8192 and (not training or H <= 128)
+    if mode in ("RNN_TANH", "RNN_RELU"):
+        return B * H <= (4096 if training else 8192)
+    if training:
+        return (H <= 8 and B <= 16) or (B == 1 and H <= 32)
+    return (H <= 8 and B <= 256) or (B == 1 and H <= 128)
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
 _NATIVE = {"RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu, "GRU": torch.gru,
@@ -344,7 +360,7 @@ class _RNNBase(nn.Module):
     def _resolve_method(self, x: Tensor, T: int, B: int, training: bool) -> str:
         if self.method != "auto":
             return self.method
-        if self._compiled_pays(x, B):
+        if self._compiled_pays(x, B, training):
             # the compiled loop runs at arithmetic speed: on a CPU it matches or beats Newton
             # wherever it beats torch's kernel (the overhead Newton removes is gone), and it
             # has nothing to converge
@@ -358,17 +374,15 @@ class _RNNBase(nn.Module):
         factor = 8 if self._diagonal else _FUSED_TRAINING_FACTOR
         return choose_method(T, B, D, fc, device, training, training_factor=factor)
 
-    def _compiled_pays(self, x: Tensor, B: int) -> bool:
-        """Whether the sequential path is the compiled GRU loop (``paraseq.cells.compiled``)
-        rather than torch's fused kernel (dense GRU) or a Python loop (DiagGRU): CPU, float32
-        or float64, numba installed, and, for the dense GRU, B H <= 256. Measured on the
-        2-core CPU (float32, forward, T = 1e4; ratios torch.nn.GRU / compiled loop taken in
-        one run): hidden 8 batch 16 2.9x, hidden 16 batch 16 1.4x, hidden 32 batch 1 3.7x,
-        hidden 64 batch 1 9x, but hidden 32 batch 16 0.65x: the loop's scalar
-        sigmoid/tanh then cost more than torch's vectorised ones."""
+    def _compiled_pays(self, x: Tensor, B: int, training: bool) -> bool:
+        """Whether the sequential path is a compiled loop (``paraseq.cells.compiled``) rather
+        than torch's fused kernel (dense modules) or a Python loop (DiagGRU, DiagLSTM): CPU,
+        float32 or float64, numba installed, and, for the dense modules, where the loop beats
+        torch's kernel (``_compiled_beats_torch``)."""
         if _compiled_loop(self.mode) is None or not compiled.supported(x):
             return False
-        return self._diagonal or B * self.hidden_size <= _COMPILED_MAX_BH
+        return self._diagonal or _compiled_beats_torch(self.mode, B, self.hidden_size,
+                                                       training)
 
     def _wants_grad(self, x: Tensor, hx) -> bool:
         if not torch.is_grad_enabled():
@@ -410,9 +424,10 @@ class _RNNBase(nn.Module):
             raise ValueError(f"{type(self).__name__}: input must have at least one time step "
                              f"(torch.nn's modules require it too); got T = 0")
         state = self._check_hx(hx, B, batched, x)  # each (L Dn, B, size)
-        method = self._resolve_method(x, T, B, self._wants_grad(x, hx))
+        training = self._wants_grad(x, hx)
+        method = self._resolve_method(x, T, B, training)
         self.last_solve_info = []
-        if method == "sequential" and self._compiled_pays(x, B):
+        if method == "sequential" and self._compiled_pays(x, B, training):
             method = "compiled"
         path = {"sequential": "loop" if self._diagonal else "torch kernel",
                 "compiled": "compiled loop"}.get(method, f"parallel ({method})")
@@ -471,7 +486,11 @@ class _RNNBase(nn.Module):
             outs = []
             for d in range(self._dirs):
                 p = self._layer_params(layer, d)
-                gi = F.linear(layer_in, p["weight_ih"], p.get("bias_ih")).transpose(0, 1)
+                if method == "compiled":  # laid out for the kernel the loop will pick
+                    gi = compiled.input_projection(layer_in, p["weight_ih"], p.get("bias_ih"),
+                                                   self.hidden_size)
+                else:
+                    gi = F.linear(layer_in, p["weight_ih"], p.get("bias_ih")).transpose(0, 1)
                 # gi: (B, T, K H)
                 if d == 1:
                     gi = _flip(gi, rev_idx)
@@ -489,16 +508,22 @@ class _RNNBase(nn.Module):
                                s[torch.arange(B, device=s.device), last])
                 h_seq = states[0]  # (B, T, Hout)
                 outs.append(h_seq if d == 0 else _flip(h_seq, rev_idx))
-            out = torch.cat(outs, dim=-1).transpose(0, 1).contiguous()  # (T, B, Dn Hout)
+            out = torch.cat([o.transpose(0, 1) for o in outs], dim=-1)  # (T, B, Dn Hout)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 out = F.dropout(out, self.dropout, True)
             layer_in = out
         return layer_in, tuple(torch.stack(f) for f in finals)
 
     def _compiled_sequence(self, gi: Tensor, h0: tuple[Tensor, ...], p: dict[str, Tensor]):
-        """The compiled loop of this mode over gi (B, T, K H) from h0: (B, T, H)."""
+        """The compiled loop of this mode over gi (B, T, K H) from h0: (B, T, Hout), or for
+        LSTM the tuple (h (B, T, Hout), c (B, T, H))."""
         fn = _compiled_loop(self.mode)
-        return fn(gi, h0[0], p["weight_hh"], p.get("bias_hh"))
+        w, b = p["weight_hh"], p.get("bias_hh")
+        if self.mode == "LSTM":
+            return fn(gi, h0[0], h0[1], w, b, p.get("weight_hr"))
+        if self.mode in ("RNN_TANH", "RNN_RELU"):
+            return fn(gi, h0[0], w, b, "tanh" if self.mode == "RNN_TANH" else "relu")
+        return fn(gi, h0[0], w, b)
 
     @torch.compiler.disable
     def _solve(self, cell, gi: Tensor, h0, method: str) -> tuple[object, SolveInfo]:
