@@ -161,13 +161,7 @@ def main() -> int:
                          f"{r['speedup']:.1f}x", f"{r['err']:.1e}"])
     headers = ["cell", "H", "B", "T", "pass", "kernel", "compiled ms", "torch ms", "speedup",
                "err"]
-    if args.markdown:
-        print("| " + " | ".join(headers) + " |")
-        print("|" + "---|" * len(headers))
-        for r in rows:
-            print("| " + " | ".join(str(c) for c in r) + " |")
-    else:
-        print(format_table(headers, rows))
+    print(format_table(headers, rows, args.markdown))
     return 0
 
 

@@ -117,14 +117,6 @@ def diag_rows(quick: bool, repeats: int) -> list[dict]:
     return rows
 
 
-def _table(headers, rows, markdown: bool) -> str:
-    if not markdown:
-        return format_table(headers, rows)
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run (seconds)")
@@ -142,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         records += rows
         print("\n## paraseq.nn.GRU vs torch.nn.GRU (float32, input 4; ms, speedup over "
               "torch.nn.GRU)")
-        print(_table(
+        print(format_table(
             ["pass", "hidden", "batch", "T", "torch.nn.GRU", "newton", "auto", "auto chose",
              "newton iters", "max err"],
             [[r["pass_"], r["hidden"], r["batch"], f"{r['T']:.0e}", f"{r['torch'] * 1e3:.1f}",
@@ -155,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         records += rows
         print("\n## Diagonal-recurrence modules: Newton iterations stay flat in T "
               "(float32, forward; ms)")
-        print(_table(
+        print(format_table(
             ["module", "hidden", "batch", "T", "method", "iterations", "parallel",
              "own loop (kind)", "torch.nn.GRU (same width)", "max err vs loop"],
             [[r["module"], r["hidden"], r["batch"], f"{r['T']:.0e}", r["method"],

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from paraseq import solve_recurrence
 from paraseq.bench import cpu_name, format_table, time_call
+from paraseq.bench.timing import PASSES
 from paraseq.cells import GRUCell
 
 METHODS = ["newton", "quasi_newton", "auto"]
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
           "speedups over torch.nn.GRU; err = max |h - loop|")
     records, table = [], []
     history: dict = {}
-    passes = {"fwd": (False,), "fwd+bwd": (True,), "both": (False, True)}[args.passes]
+    passes = PASSES[args.passes]
     for backward in passes:
         for D in hidden:
             for B in batches:
@@ -207,13 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         ["newton analytic gain", "quasi_newton analytic gain"] if args.jacobian == "both" \
         else ["max err"]
     headers = ["pass", "hidden", "batch", "T", "loop", "torch.nn.GRU", *labels, *tail]
-    if args.markdown:
-        print("| " + " | ".join(headers) + " |")
-        print("|" + "---|" * len(headers))
-        for row in table:
-            print("| " + " | ".join(str(c) for c in row) + " |")
-    else:
-        print(format_table(headers, table))
+    print(format_table(headers, table, args.markdown))
     if args.csv:
         with args.csv.open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=["pass_", "hidden", "batch", "T", "method",

@@ -66,20 +66,16 @@ def run_gru(args: argparse.Namespace) -> int:
     from ..cli import _progress
     from .grid import FULL_GRID, QUICK_GRID, geometric_mean, measure, plot, table, workloads
     from .grid import write_csv as save_csv
-    from .timing import cpu_name
+    from .timing import PASSES, cpu_name, grid_from_args
 
     if args.repeats < 1 or args.budget <= 0:
         print("error: --repeats must be >= 1 and --budget > 0", file=sys.stderr)
         return 2
-    grid = dict(QUICK_GRID if args.quick else FULL_GRID)
-    for key, flag in (("hidden", "hidden"), ("T", "lengths"), ("batch", "batches")):
-        values = getattr(args, flag)
-        if values is not None:
-            if min(values) < 1:
-                print(f"error: --{flag} must be >= 1", file=sys.stderr)
-                return 2
-            grid[key] = tuple(values)
-    passes = {"fwd": (False,), "fwd+bwd": (True,), "both": (False, True)}[args.passes]
+    grid = grid_from_args(QUICK_GRID if args.quick else FULL_GRID, args,
+                          (("hidden", "hidden"), ("T", "lengths"), ("batch", "batches")))
+    if grid is None:
+        return 2
+    passes = PASSES[args.passes]
     jobs = workloads(grid, passes)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"paraseq bench on {cpu_name()}, torch {torch.__version__}, "

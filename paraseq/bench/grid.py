@@ -164,16 +164,8 @@ def rows(results: list[Result]) -> list[list[str]]:
              _x(r.newton_speedup)] for r in results]
 
 
-def _format(headers: list[str], body: list[list[str]], markdown: bool) -> str:
-    if not markdown:
-        return format_table(headers, body)
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(out)
-
-
 def table(results: list[Result], markdown: bool = False) -> str:
-    return _format(HEADERS, rows(results), markdown)
+    return format_table(HEADERS, rows(results), markdown)
 
 
 def peer_table(results: list[Result], markdown: bool = False) -> str:
@@ -181,7 +173,7 @@ def peer_table(results: list[Result], markdown: bool = False) -> str:
     sel = [r for r in results if r.peers is not None]
     if not sel:
         return ""
-    return _format(PEER_HEADERS, peer_rows(sel), markdown) + "\n" + PEER_NOTES
+    return format_table(PEER_HEADERS, peer_rows(sel), markdown) + "\n" + PEER_NOTES
 
 
 def peer_summary(results: list[Result]) -> list[str]:

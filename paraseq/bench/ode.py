@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .timing import cpu_name, format_table, time_call
+from .timing import PASSES, cpu_name, format_table, grid_from_args, time_call
 
 D, HIDDEN = 4, 32
 FULL = dict(T=(1_000, 10_000, 100_000), batch=(1, 16), loop_steps=10_000)
@@ -208,11 +208,7 @@ def table(rows: list[dict], names: list[str], markdown: bool = False) -> str:
              r.get("windows", "-"), *(_fmt(r, n) for n in others),
              *(_speed(r, n) for n in others),
              f"{r['|par - seq|']:.1e}" if "|par - seq|" in r else "-"] for r in rows]
-    if not markdown:
-        return format_table(headers, body)
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(str(c) for c in line) + " |" for line in body]
-    return "\n".join(out)
+    return format_table(headers, body, markdown)
 
 
 def header(dtype: torch.dtype) -> str:
@@ -249,18 +245,14 @@ def cli_section(args: argparse.Namespace) -> int:
     section, ``--skip-after`` as the budget; the table, then ``bench_ode.csv`` in ``--out``."""
     from ..cli import _progress
 
-    grid = dict(QUICK if args.quick else FULL)
-    for key, flag in (("T", "lengths"), ("batch", "batches")):
-        values = getattr(args, flag)
-        if values is not None:
-            if min(values) < 1:
-                print(f"error: --{flag} must be >= 1", file=sys.stderr)
-                return 2
-            grid[key] = tuple(values)
+    grid = grid_from_args(QUICK if args.quick else FULL, args,
+                          (("T", "lengths"), ("batch", "batches")))
+    if grid is None:
+        return 2
     if args.repeats < 1:
         print("error: --repeats must be >= 1", file=sys.stderr)
         return 2
-    passes = {"fwd": (False,), "fwd+bwd": (True,), "both": (False, True)}[args.passes]
+    passes = PASSES[args.passes]
     names = solver_names()
     print(f"\n{header(torch.float32)}")
     if "torchdiffeq" not in names:

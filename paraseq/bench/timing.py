@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,8 +46,13 @@ def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
     return Timing(statistics.median(times), min(times), len(times))
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain text table, columns right-aligned except the first."""
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+                 markdown: bool = False) -> str:
+    """A plain text table, columns right-aligned except the first; or a GitHub markdown one."""
+    if markdown:
+        out = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+        out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+        return "\n".join(out)
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
@@ -71,3 +77,22 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+PASSES = {"fwd": (False,), "fwd+bwd": (True,), "both": (False, True)}
+"""``--passes`` of ``python -m paraseq bench``: whether each pass runs a backward."""
+
+
+def grid_from_args(base: dict, args, flags: Sequence[tuple[str, str]]) -> dict | None:
+    """``base`` with the sizes given on the command line (``flags``: (grid key, option name)
+    pairs, e.g. ("T", "lengths")) in place of its own; None, after printing the error, when
+    one of them is below 1."""
+    grid = dict(base)
+    for key, flag in flags:
+        values = getattr(args, flag)
+        if values is not None:
+            if min(values) < 1:
+                print(f"error: --{flag} must be >= 1", file=sys.stderr)
+                return None
+            grid[key] = tuple(values)
+    return grid
