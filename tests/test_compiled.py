@@ -263,3 +263,24 @@ def test_fast_tanh_is_within_4e7_of_tanh_in_float32():
     assert got.dtype == np.float32
     assert np.abs(got.astype(np.float64) - np.tanh(xs.astype(np.float64))).max() < 4e-7
     assert compiled._fast_tanh(np.float32(0.0)) == 0.0
+
+
+@pytest.mark.parametrize("cell", sorted(GATES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [2, 20])  # rows and lanes
+def test_nan_propagates_like_the_loop(cell, dtype, B):
+    """A nan in gi makes that row's state nan from that step on, as torch's cells do. (The
+    kernels' clip inside tanh/sigmoid and relu's max once turned a nan into a finite value:
+    a plausible-looking wrong trajectory.) The other rows stay finite."""
+    K, H = GATES[cell] * 3, 3
+    g = torch.Generator().manual_seed(7)
+    gi = torch.randn(B, 10, K, generator=g, dtype=dtype)
+    gi[1, 4, 0] = float("nan")
+    h0 = torch.zeros(B, H, dtype=dtype)
+    w = 0.3 * torch.randn(K, H, generator=g, dtype=dtype)
+    b = torch.zeros(K, dtype=dtype)
+    out = _compiled(cell, gi, h0, h0, w, b, None)
+    ref = _loop(cell, gi, h0, h0, w, b, None)
+    out, ref = (out[0], ref[0]) if cell == "lstm" else (out, ref)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert bool(out[1, 4:].isnan().any(-1).all()) and not bool(out[0].isnan().any())

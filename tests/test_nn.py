@@ -645,3 +645,46 @@ def test_empty_batch_and_empty_sequence():
     assert y.shape == (5, 0, 4) and h.shape == (2, 0, 4)
     with pytest.raises(ValueError, match="at least one time step"):
         m(torch.randn(0, 2, 3))
+
+
+@pytest.mark.skipif(not compiled.AVAILABLE, reason="numba is not installed")
+@pytest.mark.parametrize("mode,nonlin", [("GRU", None), ("RNN", "tanh"), ("RNN", "relu")])
+def test_newton_runs_as_compiled_sweeps_and_matches_the_generic_loop(mode, nonlin, monkeypatch):
+    """method="newton" on the CPU GRU/RNN modules runs paraseq.cells.newton's sweeps (its
+    SolveInfo says so); with rnn.NEWTON_SWEEPS off it runs solve_recurrence. Both give torch's
+    outputs and gradients, packed and bidirectional, with h0."""
+    from paraseq.nn import rnn
+
+    kw = dict(input_size=3, hidden_size=5, num_layers=2, bidirectional=True, batch_first=True)
+    if nonlin:
+        kw["nonlinearity"] = nonlin
+    ref, ours = _pair(mode, 3, torch.float64, method="newton", **kw)
+    x = torch.randn(4, 90, 3, dtype=torch.float64)
+    hx = 0.3 * torch.randn(4, 4, 5, dtype=torch.float64)
+    lengths = torch.tensor([90, 71, 40, 3])
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    for inp in (x, packed):
+        _compare(ref, ours, inp, hx, torch.float64)
+        infos = ours.last_solve_info
+        assert len(infos) == 4 and ours.last_path == "parallel (newton)"
+        assert all(i.jacobian == "analytic (compiled sweep)" and i.converged for i in infos)
+        assert all(i.residual <= 1e-12 for i in infos)
+    monkeypatch.setattr(rnn, "NEWTON_SWEEPS", False)
+    _compare(ref, ours, x, hx, torch.float64)
+    assert all(i.jacobian == "analytic" for i in ours.last_solve_info)
+
+
+@pytest.mark.parametrize("method", ["auto", "newton"])
+@pytest.mark.parametrize("mode", ["RNN", "GRU", "LSTM"])
+def test_nan_input_gives_nan_where_torch_does(mode, method):
+    """A nan in the input is never returned as a finite state (nor a solve reported
+    converged): the outputs are nan exactly where torch.nn's are."""
+    ref, ours = _pair(mode, 1, torch.float32, input_size=2, hidden_size=4, method=method)
+    x = torch.randn(300, 3, 2)
+    x[100, 1, 0] = float("nan")
+    with torch.no_grad():
+        y, _ = ours(x)
+        yr, _ = ref(x)
+    assert torch.equal(y.isnan(), yr.isnan()) and bool(y[100:, 1].isnan().all())
+    if ours.last_solve_info:
+        assert not any(i.converged for i in ours.last_solve_info)

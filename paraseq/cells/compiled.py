@@ -207,6 +207,14 @@ def _vstep(v):
     """1 where v > 0, else 0 (relu's derivative as autograd takes it)."""
 
 
+def _vmax(a, b):
+    """max(a, b), lane by lane (b where either is nan)."""
+
+
+def _vnan_to(v, x):
+    """v with its nan lanes replaced by x."""
+
+
 def _define_simd(numba) -> None:
     import operator
 
@@ -402,11 +410,16 @@ def _define_simd(numba) -> None:
                     one = splat(context, builder, context.get_constant(vt.dtype, 1.0), vt.dtype,
                                 vt)
                     return builder.select(c, one, ir.Constant(one.type, None))
+                if pick == "keep":  # select(y pred x, y, x): a nan x stays nan
+                    return builder.select(builder.fcmp_ordered(pred, y, x), y, x)
                 return builder.select(c, x, y)
             return vt(a, b), codegen
         return op
 
-    vmin, vmax, vgt = cmpsel("<", "min"), cmpsel(">", "max"), cmpsel(">", "step")
+    vmax, vgt = cmpsel(">", "max"), cmpsel(">", "step")
+    # min/max that keep a nan in their first argument (clip and relu must not turn a nan
+    # input into a finite output: torch's tanh, sigmoid and relu return nan)
+    kmin, kmax = cmpsel("<", "keep"), cmpsel(">", "keep")
 
     def is_vec(*ts):
         return any(isinstance(t, _Vec) for t in ts)
@@ -434,7 +447,7 @@ def _define_simd(numba) -> None:
     @overload(_clip)
     def ov_clip(v, c):
         if is_vec(v):
-            return lambda v, c: vmin(vmax(v, -c), c)
+            return lambda v, c: kmin(kmax(v, -c), c)
         return lambda v, c: min(max(v, -c), c)
 
     @intrinsic
@@ -468,11 +481,25 @@ def _define_simd(numba) -> None:
 
     @overload(_vrelu)
     def ov_relu(v):
-        return lambda v: vmax(v, 0.0)
+        return lambda v: kmax(v, 0.0)
 
     @overload(_vstep)
     def ov_step(v):
         return lambda v: vgt(v, 0.0)
+
+    @overload(_vmax)
+    def ov_vmax(a, b):
+        return lambda a, b: vmax(a, b)
+
+    @intrinsic
+    def vnan_to(typingctx, v, x):
+        def codegen(context, builder, sig, args):
+            vec = args[0]
+            fill = splat(context, builder, args[1], sig.args[1], sig.args[0])
+            return builder.select(builder.fcmp_ordered("==", vec, vec), vec, fill)
+        return v(v, x), codegen
+
+    g["_vnan_to"] = vnan_to
 
     for name, fn in (("_vload", vload), ("_vload_s", vload_s), ("_vstore", vstore),
                      ("_vstore_s", vstore_s), ("_vfull", vfull), ("_ld", ld), ("_st", st)):
@@ -1121,11 +1148,318 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
                 dc0[b * H + i] = dc[i]
 
 
+# ----------------------------------------------------------------------------- Newton sweeps
+# The kernels of paraseq.cells.newton (see there), here because numba's on-disk cache keys a
+# kernel on its own source file only: kept in another file, they would go on running a stale
+# build of the helpers above after these changed.
+
+_NEWTON_CLIP = 1e8  # as paraseq.solve.iterate.CLIP
+
+
+def _lanes_newton(cell, gi, gs, h0, w, bh, hb, hs, gb, gss, start, first, pmax, smax, omax,
+                  tol, T, H, lo, hi, vw):  # pragma: no cover - compiled
+    """One Newton sweep over batch rows [lo, hi) (lo a multiple of W), W rows in lockstep.
+
+    gi (B, T, K) and the iterate hb (B, T, H) and gb (B, T, K), g_t = W_hh h_{t-1} + b_hh of it,
+    are flat views with strides gs, hs, gss; hb and gb are updated in place to the new iterate.
+    h0 (B, H) row-major; w (K, H) row-major; bh (K,). start[grp]: the first step group grp
+    sweeps (T: none). Written per group: first[grp], the first step whose new residual is
+    above tol (T if none); pmax[grp], the largest new residual before it; smax[grp], the
+    largest over the swept steps; omax[grp], the largest residual of the iterate it was given
+    over the same steps."""
+    W = len(vw)
+    K = bh.shape[0]
+    NG = (hi - lo + W - 1) // W
+    g0 = lo // W
+    relu = cell == _ELMAN_RELU
+    dt = bh.dtype
+    hop = np.zeros(NG * H * W, dtype=dt)  # h_{t-1} of the old iterate, per group
+    hnp = np.zeros(NG * H * W, dtype=dt)  # h'_{t-1} of the new one
+    gn = np.zeros(NG * K * W, dtype=dt)  # g'_t = W_hh h'_{t-1} + b_hh
+    book = np.zeros(NG * 5 * W, dtype=dt)  # per group: seen, count, pm, sm, om
+    sb, st, sj = gs
+    hb_, ht, hj = hs
+    gb_, gt, gj = gss
+    t_lo = T
+    for grp in range(NG):
+        t_lo = min(t_lo, start[g0 + grp])
+    one = _vfull(1.0, gn, vw)
+    zero = _vfull(0.0, gn, vw)
+    for t in range(t_lo, T):
+        for grp in range(NG):
+            s = start[g0 + grp]
+            if t < s:
+                continue
+            b0 = lo + grp * W
+            n = min(W, hi - b0)
+            ho = grp * H * W
+            go = grp * K * W
+            if t == s:  # the state before the sweep's first step is the unchanged h_{s-1}
+                for i in range(H):
+                    if s == 0:
+                        v = _ld(h0, b0 * H + i, H, n, vw)
+                    else:
+                        v = _ld(hb, (s - 1) * ht + b0 * hb_ + i * hj, hb_, n, vw)
+                    _vstore(hop, ho + i * W, v)
+                    _vstore(hnp, ho + i * W, v)
+                for j in range(K):
+                    _vstore(gn, go + j * W, _ld(gb, s * gt + b0 * gb_ + j * gj, gb_, n, vw))
+            x0 = t * st + b0 * sb
+            q0 = t * gt + b0 * gb_
+            h_0 = t * ht + b0 * hb_
+            rm = zero
+            om = zero
+            for i in range(H):
+                hp = _vload(hop, ho + i * W, vw)
+                hq = _vload(hnp, ho + i * W, vw)
+                old = _ld(hb, h_0 + i * hj, hb_, n, vw)
+                if cell == _GRU:
+                    xr = _ld(gi, x0 + i * sj, sb, n, vw)
+                    xz = _ld(gi, x0 + (H + i) * sj, sb, n, vw)
+                    xn = _ld(gi, x0 + (2 * H + i) * sj, sb, n, vw)
+                    yr = _ld(gb, q0 + i * gj, gb_, n, vw)
+                    yz = _ld(gb, q0 + (H + i) * gj, gb_, n, vw)
+                    yn = _ld(gb, q0 + (2 * H + i) * gj, gb_, n, vw)
+                    ur = _vload(gn, go + i * W, vw)
+                    uz = _vload(gn, go + (H + i) * W, vw)
+                    un = _vload(gn, go + (2 * H + i) * W, vw)
+                    r = _vsigmoid(xr + yr)
+                    z = _vsigmoid(xz + yz)
+                    nv = _vtanh(xn + r * yn)
+                    f = nv + z * (hp - nv)
+                    a = (one - z) * (one - nv * nv) * r
+                    jd = (z * (hq - hp) + a * ((un - yn) + yn * (one - r) * (ur - yr))
+                          + (hp - nv) * z * (one - z) * (uz - yz))
+                    f2 = _gru_f(xr, xz, xn, ur, uz, un, hq)
+                else:
+                    x = _ld(gi, x0 + i * sj, sb, n, vw)
+                    y = _ld(gb, q0 + i * gj, gb_, n, vw)
+                    u = _vload(gn, go + i * W, vw)
+                    f = _elman_f(relu, x, y)
+                    if relu:
+                        jd = _vstep(x + y) * (u - y)
+                    else:
+                        jd = (one - f * f) * (u - y)
+                    f2 = _elman_f(relu, x, u)
+                h = _clip(_vnan_to(f + jd, 0.0), _NEWTON_CLIP)
+                d = h - f2
+                res = _vmax(d, -d) / (one + _vmax(f2, -f2))
+                rm = _vmax(rm, _vnan_to(res, np.inf))
+                d0 = old - f
+                om = _vmax(om, _vnan_to(_vmax(d0, -d0) / (one + _vmax(f, -f)), np.inf))
+                _vstore(hop, ho + i * W, old)
+                _vstore(hnp, ho + i * W, h)
+                _st(hb, h_0 + i * hj, hb_, n, h, vw)
+            for j in range(K):  # the new iterate's g_t
+                _st(gb, q0 + j * gj, gb_, n, _vload(gn, go + j * W, vw), vw)
+            # g'_{t+1} = W_hh h'_t + b_hh: four rows of W_hh share each load of h'
+            j = 0
+            while j + 4 <= K:
+                a0 = _vfull(bh[j], gn, vw)
+                a1 = _vfull(bh[j + 1], gn, vw)
+                a2 = _vfull(bh[j + 2], gn, vw)
+                a3 = _vfull(bh[j + 3], gn, vw)
+                for k in range(H):
+                    hk = _vload(hnp, ho + k * W, vw)
+                    a0 = a0 + w[j * H + k] * hk
+                    a1 = a1 + w[(j + 1) * H + k] * hk
+                    a2 = a2 + w[(j + 2) * H + k] * hk
+                    a3 = a3 + w[(j + 3) * H + k] * hk
+                _vstore(gn, go + j * W, a0)
+                _vstore(gn, go + (j + 1) * W, a1)
+                _vstore(gn, go + (j + 2) * W, a2)
+                _vstore(gn, go + (j + 3) * W, a3)
+                j += 4
+            for jj in range(j, K):
+                acc = _vfull(bh[jj], gn, vw)
+                for k in range(H):
+                    acc = acc + w[jj * H + k] * _vload(hnp, ho + k * W, vw)
+                _vstore(gn, go + jj * W, acc)
+            # bookkeeping per lane: seen (a step above tol so far), count of steps before it,
+            # the largest residual before it, over all swept steps, and of the old iterate
+            bo = grp * 5 * W
+            seen = _vmax(_vload(book, bo, vw), _vstep(rm - tol))
+            _vstore(book, bo, seen)
+            _vstore(book, bo + W, _vload(book, bo + W, vw) + (one - seen))
+            _vstore(book, bo + 2 * W,
+                      _vmax(_vload(book, bo + 2 * W, vw), _clip(rm, tol) * (one - seen)))
+            _vstore(book, bo + 3 * W, _vmax(_vload(book, bo + 3 * W, vw), rm))
+            _vstore(book, bo + 4 * W, _vmax(_vload(book, bo + 4 * W, vw), om))
+    for grp in range(NG):
+        s = start[g0 + grp]
+        b0 = lo + grp * W
+        n = min(W, hi - b0)
+        bo = grp * 5 * W
+        if s >= T:
+            first[g0 + grp] = T
+            pmax[g0 + grp] = 0.0
+            smax[g0 + grp] = 0.0
+            omax[g0 + grp] = 0.0
+            continue
+        c = book[bo + W]
+        p = book[bo + 2 * W]
+        m = book[bo + 3 * W]
+        o = book[bo + 4 * W]
+        for lane in range(1, n):
+            c = min(c, book[bo + W + lane])
+            p = max(p, book[bo + 2 * W + lane])
+            m = max(m, book[bo + 3 * W + lane])
+            o = max(o, book[bo + 4 * W + lane])
+        first[g0 + grp] = s + int(c)
+        pmax[g0 + grp] = p
+        smax[g0 + grp] = m
+        omax[g0 + grp] = o
+
+
+def _rows_newton(cell, gi, gs, h0, wT, bh, hb, hs, gb, gss, start, first, pmax, smax, omax,
+                 tol, T, H, lo, hi, vw):  # pragma: no cover - compiled
+    """``_lanes_newton`` for batch rows [lo, hi) one after another, vectors over W units (the
+    better layout for a few rows): wT (H, NQ Hp) and bh (NQ Hp) padded with zeros to Hp, a
+    multiple of W, per gate; start/first/... are per batch row."""
+    W = len(vw)
+    NQ = _NGATES_T[cell]
+    Hp = (H + W - 1) // W * W
+    R = NQ * Hp
+    relu = cell == _ELMAN_RELU
+    dt = bh.dtype
+    hop = np.zeros(Hp, dtype=dt)
+    hnp = np.zeros(Hp, dtype=dt)
+    gn = np.zeros(R, dtype=dt)
+    scratch = np.zeros(2 * W, dtype=dt)
+    sb, st, sj = gs
+    hb_, ht, hj = hs
+    gb_, gt, gj = gss
+    one = _vfull(1.0, gn, vw)
+    zero = _vfull(0.0, gn, vw)
+    for b in range(lo, hi):
+        s = start[b]
+        if s >= T:
+            first[b] = T
+            pmax[b] = 0.0
+            smax[b] = 0.0
+            omax[b] = 0.0
+            continue
+        for ib in range(Hp // W):
+            i0 = ib * W
+            n = min(W, H - i0)
+            if s == 0:
+                v = _ld(h0, b * H + i0, 1, n, vw)
+            else:
+                v = _ld(hb, (s - 1) * ht + b * hb_ + i0 * hj, hj, n, vw)
+            _vstore(hop, i0, v)
+            _vstore(hnp, i0, v)
+            for q in range(NQ):
+                _vstore(gn, q * Hp + i0, _ld(gb, s * gt + b * gb_ + (q * H + i0) * gj, gj,
+                                                  n, vw))
+        seen = False
+        fb = T
+        pm = 0.0
+        sm = 0.0
+        om = 0.0
+        for t in range(s, T):
+            x0 = b * sb + t * st
+            q0 = b * gb_ + t * gt
+            h_0 = b * hb_ + t * ht
+            rm = zero
+            orm = zero
+            for ib in range(Hp // W):
+                i0 = ib * W
+                n = min(W, H - i0)
+                hp = _vload(hop, i0, vw)
+                hq = _vload(hnp, i0, vw)
+                old = _ld(hb, h_0 + i0 * hj, hj, n, vw)
+                if cell == _GRU:
+                    xr = _ld(gi, x0 + i0 * sj, sj, n, vw)
+                    xz = _ld(gi, x0 + (H + i0) * sj, sj, n, vw)
+                    xn = _ld(gi, x0 + (2 * H + i0) * sj, sj, n, vw)
+                    yr = _ld(gb, q0 + i0 * gj, gj, n, vw)
+                    yz = _ld(gb, q0 + (H + i0) * gj, gj, n, vw)
+                    yn = _ld(gb, q0 + (2 * H + i0) * gj, gj, n, vw)
+                    ur = _vload(gn, i0, vw)
+                    uz = _vload(gn, Hp + i0, vw)
+                    un = _vload(gn, 2 * Hp + i0, vw)
+                    r = _vsigmoid(xr + yr)
+                    z = _vsigmoid(xz + yz)
+                    nv = _vtanh(xn + r * yn)
+                    f = nv + z * (hp - nv)
+                    a = (one - z) * (one - nv * nv) * r
+                    jd = (z * (hq - hp) + a * ((un - yn) + yn * (one - r) * (ur - yr))
+                          + (hp - nv) * z * (one - z) * (uz - yz))
+                    f2 = _gru_f(xr, xz, xn, ur, uz, un, hq)
+                else:
+                    x = _ld(gi, x0 + i0 * sj, sj, n, vw)
+                    y = _ld(gb, q0 + i0 * gj, gj, n, vw)
+                    u = _vload(gn, i0, vw)
+                    f = _elman_f(relu, x, y)
+                    if relu:
+                        jd = _vstep(x + y) * (u - y)
+                    else:
+                        jd = (one - f * f) * (u - y)
+                    f2 = _elman_f(relu, x, u)
+                h = _clip(_vnan_to(f + jd, 0.0), _NEWTON_CLIP)
+                d = h - f2
+                res = _vmax(d, -d) / (one + _vmax(f2, -f2))
+                rm = _vmax(rm, _vnan_to(res, np.inf))
+                d0 = old - f
+                orm = _vmax(orm, _vnan_to(_vmax(d0, -d0) / (one + _vmax(f, -f)),
+                                              np.inf))
+                _vstore(hop, i0, old)
+                _vstore(hnp, i0, h)
+                _st(hb, h_0 + i0 * hj, hj, n, h, vw)
+                for q in range(NQ):  # the new iterate's g_t
+                    _st(gb, q0 + (q * H + i0) * gj, gj, n, _vload(gn, q * Hp + i0, vw), vw)
+            # g'_{t+1} = W_hh h'_t + b_hh, vectors over gate units
+            KB = R // W
+            jb = 0
+            while jb + 4 <= KB:
+                o = jb * W
+                a0 = _vload(bh, o, vw)
+                a1 = _vload(bh, o + W, vw)
+                a2 = _vload(bh, o + 2 * W, vw)
+                a3 = _vload(bh, o + 3 * W, vw)
+                for k in range(H):
+                    hk = hnp[k]
+                    a0 = a0 + _vload(wT, k * R + o, vw) * hk
+                    a1 = a1 + _vload(wT, k * R + o + W, vw) * hk
+                    a2 = a2 + _vload(wT, k * R + o + 2 * W, vw) * hk
+                    a3 = a3 + _vload(wT, k * R + o + 3 * W, vw) * hk
+                _vstore(gn, o, a0)
+                _vstore(gn, o + W, a1)
+                _vstore(gn, o + 2 * W, a2)
+                _vstore(gn, o + 3 * W, a3)
+                jb += 4
+            for jj in range(jb, KB):
+                o = jj * W
+                acc = _vload(bh, o, vw)
+                for k in range(H):
+                    acc = acc + _vload(wT, k * R + o, vw) * hnp[k]
+                _vstore(gn, o, acc)
+            _vstore(scratch, 0, rm)
+            _vstore(scratch, W, orm)
+            m = scratch[0]
+            o_ = scratch[W]
+            for lane in range(1, W):
+                m = max(m, scratch[lane])
+                o_ = max(o_, scratch[W + lane])
+            sm = max(sm, m)
+            om = max(om, o_)
+            if not seen:
+                if m <= tol:
+                    pm = max(pm, m)
+                else:
+                    seen = True
+                    fb = t
+        first[b] = fb
+        pmax[b] = pm
+        smax[b] = sm
+        omax[b] = om
+
+
 _NGATES_T = (1, 1, 3, 4)  # _NGATES as a tuple the kernels index (a compile-time constant)
 
 _VEC_HELPERS = ("_tanh_from_expm1", "_gru_f", "_gru_b", "_elman_f", "_elman_b", "_lstm_f",
                 "_lstm_b")
-_ENTRY = ("_lanes_fwd", "_lanes_bwd", "_rows_fwd", "_rows_bwd")
+_ENTRY = ("_lanes_fwd", "_lanes_bwd", "_rows_fwd", "_rows_bwd", "_lanes_newton", "_rows_newton")
 
 
 def _build() -> dict:

@@ -81,9 +81,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ..cells import compiled
+from ..cells import compiled, newton
 from ..solve import solve_recurrence
-from ..solve.api import ON_FAILURE, SolveInfo, choose_method
+from ..solve.api import DEFAULT_MAX_ITER, ON_FAILURE, SolveInfo, choose_method
 from ..solve.cell import FlatCell, StateLayout
 from ..solve.methods import METHODS
 from ._gated import DiagLSTMGated, ElmanGated, GRUGated, LSTMGated, ProjLSTMGated
@@ -117,6 +117,14 @@ _COMPILED_LOOPS = {"GRU": "gru_sequence", "RNN_TANH": "elman_sequence",
 """The compiled sequential loops of ``paraseq.cells.compiled`` by mode (called in
 ``_compiled_sequence``; a (K H,) weight_hh is the diagonal recurrence of DiagGRU/DiagLSTM).
 A name missing from the module is simply not used."""
+
+
+NEWTON_SWEEPS = True
+"""method="newton" on the GRU and RNN modules runs as ``paraseq.cells.newton``'s compiled sweeps
+where they serve (``_sweeps_newton``); False sends it through ``solve_recurrence``."""
+
+_SWEEP_CELLS = {"GRU": compiled._GRU, "RNN_TANH": compiled._ELMAN_TANH,
+                "RNN_RELU": compiled._ELMAN_RELU}
 
 
 def _compiled_beats_torch(mode: str, B: int, H: int, training: bool) -> bool:
@@ -486,7 +494,8 @@ class _RNNBase(nn.Module):
             outs = []
             for d in range(self._dirs):
                 p = self._layer_params(layer, d)
-                if method == "compiled":  # laid out for the kernel the loop will pick
+                fused = method == "newton" and self._sweeps_newton(layer_in)
+                if method == "compiled" or fused:  # laid out for the kernel that will run
                     gi = compiled.input_projection(layer_in, p["weight_ih"], p.get("bias_ih"),
                                                    self.hidden_size)
                 else:
@@ -498,6 +507,9 @@ class _RNNBase(nn.Module):
                 h0 = tuple(s[k] for s in state)  # each (B, size)
                 if method == "compiled":
                     states = self._compiled_sequence(gi, h0, p)
+                elif fused:
+                    states, info = self._newton_sweeps(gi, h0[0], p)
+                    self.last_solve_info.append(info)
                 else:
                     states, info = self._solve(self._cell(layer, d), gi,
                                                h0 if self.mode == "LSTM" else h0[0], method)
@@ -524,6 +536,33 @@ class _RNNBase(nn.Module):
         if self.mode in ("RNN_TANH", "RNN_RELU"):
             return fn(gi, h0[0], w, b, "tanh" if self.mode == "RNN_TANH" else "relu")
         return fn(gi, h0[0], w, b)
+
+    def _sweeps_newton(self, x: Tensor) -> bool:
+        """Whether method="newton" runs as the compiled Newton sweeps of
+        ``paraseq.cells.newton`` (GRU and tanh/relu RNN, CPU float32/float64, numba): the same
+        iteration as ``solve_recurrence``'s, matrix-free and fused into one pass per iteration
+        (``NEWTON_SWEEPS = False`` turns it off)."""
+        return (NEWTON_SWEEPS and not self._diagonal and self.mode in _SWEEP_CELLS
+                and newton.supported(x.transpose(0, 1)))
+
+    @torch.compiler.disable
+    def _newton_sweeps(self, gi: Tensor, h0: Tensor, p: dict[str, Tensor]):
+        """One layer and direction by ``paraseq.cells.newton``: (states (B, T, H), info), with
+        the modules' tolerances (tol=None: accepted at ``DEFAULT_TOL``, refined towards
+        ``FLOOR_TOL``) and ``on_failure``."""
+        T = gi.shape[1]
+        if self.tol is None:
+            accept, target = DEFAULT_TOL[gi.dtype], FLOOR_TOL[gi.dtype]
+        else:
+            accept = target = self.tol
+        cap = self.max_iter if self.max_iter is not None else \
+            min(DEFAULT_MAX_ITER["newton"], T) + _REFINE_MAX_ITER
+        b = p.get("bias_hh")
+        w = p["weight_hh"]
+        return newton.newton_sequence(_SWEEP_CELLS[self.mode], gi, h0.to(gi.dtype), w,
+                                      w.new_zeros(w.shape[0]) if b is None else b,
+                                      target=target, accept=accept, max_iter=cap,
+                                      on_failure=self.on_failure)
 
     @torch.compiler.disable
     def _solve(self, cell, gi: Tensor, h0, method: str) -> tuple[object, SolveInfo]:

@@ -1,0 +1,201 @@
+"""Newton's method for the built-in dense cells (GRU, Elman) as one compiled sweep per
+iteration (numba), matrix-free.
+
+Shape letters: B batch, T time, H hidden size, K = G H gate pre-activations (GRU G = 3, Elman
+G = 1), W the SIMD width (16 float32, 8 float64).
+
+Newton (DEER) on h_t = f(gi_t, h_{t-1}) solves, per iteration, the linear recurrence
+
+    h'_t = f(h_{t-1}) + J_t (h'_{t-1} - h_{t-1}),   J_t = df/dh at the current iterate h,
+
+and the generic loop of ``paraseq.solve`` forms every J_t (a (B, T, H, H) tensor), a right-hand
+side and a dense scan, each a pass over memory. For these cells J_t is never needed as a matrix:
+with g_t = W_hh h_{t-1} + b_hh (the recurrent pre-activations, kept from the sweep before) and
+g'_t = W_hh h'_{t-1} + b_hh, the product J_t delta (delta = h' - h) is elementwise in the gates
+and u = g'_t - g_t = W_hh delta. GRU (torch's gates r, z, n):
+
+    J delta = z delta + (1 - z)(1 - n^2)(r u_n + g_n r (1 - r) u_r) + (h - n) z (1 - z) u_z
+
+Elman: J delta = act'(gi + g) u. So one sweep over time does the whole iteration: the cell at the
+current iterate, the scan step, the matrix-vector product g'_{t+1} = W_hh h'_t + b_hh (the only
+O(H^2) work per step, the same as one step of the sequential loop), and the residual of the
+*new* iterate, max_t |h'_t - f(h'_{t-1})| / (1 + |f|), from the same products. The sweep runs
+sequentially in time, SIMD across the batch (kernel "lanes": W rows in lockstep, threads over
+groups of rows) or, for a few rows, across the units (kernel "rows"), chosen by
+``compiled._plan`` as for the compiled loops. The dense scan of the numba backend is sequential
+in time too (parallel over batch rows), and on a CPU a log-depth scan of H x H products costs H
+times the work. The kernels, ``_lanes_newton`` and ``_rows_newton``, live in ``compiled.py``
+(numba's on-disk cache keys a kernel on its own file only).
+
+Two savings of the sweep over the generic loop, neither changing what is computed where it
+matters:
+- converged prefix: rows (per group of W batch rows) before the first step whose residual is
+  above the target are left alone by later sweeps (their Newton update would be below tol).
+  A sweep starts at that step, with the state before it unchanged. The residuals of skipped
+  steps stay valid (neither h_t nor h_{t-1} changes), so convergence is still checked on every
+  step.
+- no initial pass: the first guess is h = 0 (DEER's), whose g is b_hh, so the first sweep needs
+  nothing computed in advance; it also reports the residual of that guess.
+
+Iterates are sanitised as in ``paraseq.solve`` (nan to 0, clipped to +-1e8); a nan or inf
+residual never passes a tolerance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import compiled as C
+
+MAX_T = 1 << 24  # per-lane step counts are kept in the data's dtype: exact below 2^24 (float32)
+
+
+# ----------------------------------------------------------------------------- the iteration
+
+PATIENCE = 8
+"""Iterations without halving the best residual after which a solve above ``accept`` stops
+(``paraseq.solve``'s rule)."""
+
+
+def _sweeps(cell: int, gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tensor, *,
+            target: float, accept: float, max_iter: int, patience: int = PATIENCE):
+    """Newton sweeps from h = 0 until the residual is <= target, or (above ``accept``) it has
+    not halved for ``patience`` sweeps, or (at or below ``accept``) a sweep fails to halve it,
+    or ``max_iter`` sweeps were made. -> (h (B, T, H), sweeps, residuals, first failing step
+    (T if none) for ``target``, the first step each sweep started at)."""
+    B, T, K = gi.shape
+    H = h0.shape[-1]
+    kernel, nt = C._plan(B, T, H, H, K, gi.dtype)
+    W = C._width(gi.dtype)
+    vw = (0,) * W
+    dt = gi.dtype
+    lanes = kernel == "lanes"
+    # the iterate h (B, T, H) and g (B, T, K), g_t = W_hh h_{t-1} + b_hh, laid out for the
+    # kernel's vectors: batch contiguous (lanes) or units contiguous (rows)
+    hv = C._empty_like_layout(B, T, H, lanes, gi)
+    gv = C._empty_like_layout(B, T, K, lanes, gi)
+    hv.zero_()
+    gv[:, 1:] = bias_hh
+    gv[:, 0] = h0 @ weight_hh.t() + bias_hh
+    gif, gs = C._flat(gi)
+    hbf, hs = C._flat(hv)
+    gbf, gss = C._flat(gv)
+    h0f = C._vec(h0)
+    wts = C._Weights(cell, weight_hh, bias_hh, None, H, H, lanes, W)
+    NG = -(-B // W) if lanes else B
+    npdt = np.float32 if dt == torch.float32 else np.float64
+    start = np.zeros(NG, dtype=np.int64)
+    first = np.zeros(NG, dtype=np.int64)
+    pmax, smax, omax = (np.zeros(NG, dtype=npdt) for _ in range(3))
+    pre = np.zeros(NG, dtype=np.float64)  # the largest residual of the steps left alone
+    kern = C._build()[f"_{kernel}_newton"]
+    w = wts.w if lanes else wts.wT
+
+    def part(lo, hi):
+        kern(cell, gif, gs, h0f, w, wts.bh, hbf, hs, gbf, gss, start, first, pmax, smax, omax,
+             npdt(target), T, H, lo, hi, vw)
+
+    residuals: list[float] = []
+    starts: list[int] = []
+    best, since = float("inf"), 0
+    k = 0
+    while k < max_iter:
+        starts.append(int(start.min()))
+        C._run_split(part, B, W, nt, lanes)
+        k += 1
+        if k == 1:
+            residuals.append(float(omax.max()))
+        swept = start < T
+        r = float(np.maximum(pre, np.where(swept, smax, 0.0)).max())
+        residuals.append(r)
+        pre = np.where(swept, np.maximum(pre, pmax), pre)
+        start[:] = np.where(swept, first, start)
+        if r <= target:
+            break
+        if r <= accept:  # refining towards target: stop once a sweep no longer halves it
+            if len(residuals) >= 2 and not r <= 0.5 * residuals[-2]:
+                break
+        else:
+            if r < 0.5 * best:
+                best, since = r, 0
+            else:
+                since += 1
+            if since >= patience:
+                break
+    return hv, k, residuals, int(start.min()), starts
+
+
+def newton_sequence(cell: int, gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tensor, *,
+                    target: float, accept: float, max_iter: int, on_failure: str,
+                    stats: dict | None = None):
+    """The states (B, T, H) by Newton sweeps, and the solve's ``SolveInfo``; differentiable in
+    gi, h0, weight_hh and bias_hh by the implicit adjoint (the compiled loop's reverse sweep at
+    the solution: exact whatever the iterations did).
+
+    Converged means residual <= ``accept`` (the sweeps aim at ``target`` <= accept). Otherwise
+    ``on_failure``: "fallback" finishes with the compiled sequential loop from the first step
+    above ``target`` (``info.fell_back``, ``info.fallback_from``), "raise" raises
+    ``paraseq.ConvergenceError``, "warn" warns and returns the last iterate. ``stats``, if
+    given, receives "starts": the first step each sweep began at (the converged prefix before
+    it was left alone)."""
+    info: dict = {}
+    states = _NewtonSequence.apply(cell, gi, h0, weight_hh, bias_hh,
+                                   (target, accept, max_iter, on_failure, info))
+    if stats is not None:
+        stats["starts"] = info["starts"]
+    return states, info["info"]
+
+
+def supported(gi: Tensor) -> bool:
+    """Whether the sweeps serve this problem (numba, CPU, float32/float64, T < 2^24)."""
+    return C.supported(gi) and gi.shape[1] < MAX_T
+
+
+class _NewtonSequence(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, cell, gi, h0, weight_hh, bias_hh, opts):
+        import warnings
+
+        from ..solve.api import ConvergenceError, SolveInfo
+
+        target, accept, max_iter, on_failure, out = opts
+        oh, k, residuals, fail, out["starts"] = _sweeps(
+            cell, gi, h0, weight_hh, bias_hh, target=target, accept=accept, max_iter=max_iter)
+        r = residuals[-1]
+        info = SolveInfo(method="newton", iterations=k, converged=r <= accept, residual=r,
+                         jacobian="analytic (compiled sweep)", tol=accept, residuals=residuals)
+        if not info.converged:
+            if on_failure == "raise":
+                raise ConvergenceError(
+                    f"solve_recurrence: method='newton' stopped after {k} iterations with "
+                    f"residual {r:.3e} > tol {accept:.1e}; use on_failure='fallback' to finish "
+                    f"sequentially from the first unconverged step, raise max_iter, or try "
+                    f"method='damped_newton'", k, r, info)
+            if on_failure == "warn":
+                warnings.warn(f"solve_recurrence: method='newton' did not converge in {k} "
+                              f"iterations (residual {r:.3e} > tol {accept:.1e}); returning "
+                              f"the last iterate", RuntimeWarning, stacklevel=4)
+            else:  # fallback: the compiled loop from the first step above target
+                start = h0 if fail == 0 else oh[:, fail - 1]
+                rest = C._forward(cell, gi[:, fail:], start.contiguous(), None, weight_hh,
+                                  bias_hh, None)[0]
+                oh[:, fail:] = rest
+                info.fell_back, info.fallback_from = True, fail
+        out["info"] = info
+        ctx.cell = cell
+        ctx.save_for_backward(gi, h0, weight_hh, bias_hh, oh)
+        return oh
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_h):
+        gi, h0, weight_hh, bias_hh, oh = ctx.saved_tensors
+        B, T, K = gi.shape
+        H = h0.shape[-1]
+        kernel = C._plan(B, T, H, H, K, gi.dtype)[0]
+        dgi, dh0, _, dwh, dbh, _ = C._backward(ctx.cell, gi, h0, None, weight_hh, bias_hh, None,
+                                               oh, None, g_h, None, kernel)
+        return None, dgi, dh0, dwh, dbh, None
