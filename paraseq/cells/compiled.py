@@ -1315,7 +1315,9 @@ def _rows_newton(cell, gi, gs, h0, wT, bh, hb, hs, gb, gss, start, first, pmax, 
                  tol, T, H, lo, hi, vw):  # pragma: no cover - compiled
     """``_lanes_newton`` for batch rows [lo, hi) one after another, vectors over W units (the
     better layout for a few rows): wT (H, NQ Hp) and bh (NQ Hp) padded with zeros to Hp, a
-    multiple of W, per gate; start/first/... are per batch row."""
+    multiple of W, per gate; start/first/... are per batch row. hb and gb are this module's
+    buffers, padded likewise: memory (T, B, Hp) and (T, B, NQ, Hp), zero in the padding, so
+    every access to them is a whole vector; hs, gss give their (b, t) strides."""
     W = len(vw)
     NQ = _NGATES_T[cell]
     Hp = (H + W - 1) // W * W
@@ -1327,8 +1329,8 @@ def _rows_newton(cell, gi, gs, h0, wT, bh, hb, hs, gb, gss, start, first, pmax, 
     gn = np.zeros(R, dtype=dt)
     scratch = np.zeros(2 * W, dtype=dt)
     sb, st, sj = gs
-    hb_, ht, hj = hs
-    gb_, gt, gj = gss
+    hb_, ht = hs
+    gb_, gt = gss
     one = _vfull(1.0, gn, vw)
     zero = _vfull(0.0, gn, vw)
     for b in range(lo, hi):
@@ -1345,12 +1347,11 @@ def _rows_newton(cell, gi, gs, h0, wT, bh, hb, hs, gb, gss, start, first, pmax, 
             if s == 0:
                 v = _ld(h0, b * H + i0, 1, n, vw)
             else:
-                v = _ld(hb, (s - 1) * ht + b * hb_ + i0 * hj, hj, n, vw)
+                v = _vload(hb, (s - 1) * ht + b * hb_ + i0, vw)
             _vstore(hop, i0, v)
             _vstore(hnp, i0, v)
             for q in range(NQ):
-                _vstore(gn, q * Hp + i0, _ld(gb, s * gt + b * gb_ + (q * H + i0) * gj, gj,
-                                                  n, vw))
+                _vstore(gn, q * Hp + i0, _vload(gb, s * gt + b * gb_ + q * Hp + i0, vw))
         seen = False
         fb = T
         pm = 0.0
@@ -1367,14 +1368,14 @@ def _rows_newton(cell, gi, gs, h0, wT, bh, hb, hs, gb, gss, start, first, pmax, 
                 n = min(W, H - i0)
                 hp = _vload(hop, i0, vw)
                 hq = _vload(hnp, i0, vw)
-                old = _ld(hb, h_0 + i0 * hj, hj, n, vw)
+                old = _vload(hb, h_0 + i0, vw)
                 if cell == _GRU:
                     xr = _ld(gi, x0 + i0 * sj, sj, n, vw)
                     xz = _ld(gi, x0 + (H + i0) * sj, sj, n, vw)
                     xn = _ld(gi, x0 + (2 * H + i0) * sj, sj, n, vw)
-                    yr = _ld(gb, q0 + i0 * gj, gj, n, vw)
-                    yz = _ld(gb, q0 + (H + i0) * gj, gj, n, vw)
-                    yn = _ld(gb, q0 + (2 * H + i0) * gj, gj, n, vw)
+                    yr = _vload(gb, q0 + i0, vw)
+                    yz = _vload(gb, q0 + Hp + i0, vw)
+                    yn = _vload(gb, q0 + 2 * Hp + i0, vw)
                     ur = _vload(gn, i0, vw)
                     uz = _vload(gn, Hp + i0, vw)
                     un = _vload(gn, 2 * Hp + i0, vw)
@@ -1388,7 +1389,7 @@ def _rows_newton(cell, gi, gs, h0, wT, bh, hb, hs, gb, gss, start, first, pmax, 
                     f2 = _gru_f(xr, xz, xn, ur, uz, un, hq)
                 else:
                     x = _ld(gi, x0 + i0 * sj, sj, n, vw)
-                    y = _ld(gb, q0 + i0 * gj, gj, n, vw)
+                    y = _vload(gb, q0 + i0, vw)
                     u = _vload(gn, i0, vw)
                     f = _elman_f(relu, x, y)
                     if relu:
@@ -1405,9 +1406,9 @@ def _rows_newton(cell, gi, gs, h0, wT, bh, hb, hs, gb, gss, start, first, pmax, 
                                               np.inf))
                 _vstore(hop, i0, old)
                 _vstore(hnp, i0, h)
-                _st(hb, h_0 + i0 * hj, hj, n, h, vw)
+                _vstore(hb, h_0 + i0, h)
                 for q in range(NQ):  # the new iterate's g_t
-                    _st(gb, q0 + (q * H + i0) * gj, gj, n, _vload(gn, q * Hp + i0, vw), vw)
+                    _vstore(gb, q0 + q * Hp + i0, _vload(gn, q * Hp + i0, vw))
             # g'_{t+1} = W_hh h'_t + b_hh, vectors over gate units
             KB = R // W
             jb = 0

@@ -73,15 +73,32 @@ def _sweeps(cell: int, gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tenso
     dt = gi.dtype
     lanes = kernel == "lanes"
     # the iterate h (B, T, H) and g (B, T, K), g_t = W_hh h_{t-1} + b_hh, laid out for the
-    # kernel's vectors: batch contiguous (lanes) or units contiguous (rows)
-    hv = C._empty_like_layout(B, T, H, lanes, gi)
-    gv = C._empty_like_layout(B, T, K, lanes, gi)
-    hv.zero_()
-    gv[:, 1:] = bias_hh
-    gv[:, 0] = h0 @ weight_hh.t() + bias_hh
+    # kernel's vectors: batch contiguous (lanes), or units contiguous and padded with zeros to
+    # whole vectors per gate (rows)
+    g0 = h0 @ weight_hh.t() + bias_hh  # (B, K)
+    if lanes:
+        hv = C._empty_like_layout(B, T, H, lanes, gi)
+        gv = C._empty_like_layout(B, T, K, lanes, gi)
+        hv.zero_()
+        gv[:, 1:] = bias_hh
+        gv[:, 0] = g0
+    else:
+        NQ = K // H
+        Hp = -(-H // W) * W
+        hbuf = C._alloc((T, B, Hp), dt)
+        hbuf.zero_()
+        gbuf = C._alloc((T, B, NQ, Hp), dt)
+        gbuf.zero_()
+        gbuf[1:, :, :, :H] = bias_hh.view(NQ, H)
+        gbuf[0, :, :, :H] = g0.view(B, NQ, H)
+        hv = hbuf[:, :, :H].transpose(0, 1)  # (B, T, H)
     gif, gs = C._flat(gi)
-    hbf, hs = C._flat(hv)
-    gbf, gss = C._flat(gv)
+    if lanes:
+        hbf, hs = C._flat(hv)
+        gbf, gss = C._flat(gv)
+    else:
+        hbf, gbf = hbuf.view(-1).numpy(), gbuf.view(-1).numpy()
+        hs, gss = (Hp, B * Hp), (NQ * Hp, B * NQ * Hp)  # (b, t) strides
     h0f = C._vec(h0)
     wts = C._Weights(cell, weight_hh, bias_hh, None, H, H, lanes, W)
     NG = -(-B // W) if lanes else B

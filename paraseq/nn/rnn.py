@@ -23,7 +23,12 @@ torch.lstm, ...): exactly torch.nn's numbers at torch.nn's speed. A parallel met
 layer and direction as one ``solve_recurrence``: the input products W_ih x + b_ih of all T steps
 in one matmul, then Newton (or the chosen method) over the recurrent half with the analytic
 Jacobians of ``paraseq.nn._gated``; the backward pass is the implicit adjoint (one reverse
-scan per layer and direction), exact whatever method the forward used. ``"auto"`` asks
+scan per layer and direction), exact whatever method the forward used. On a CPU (float32 or
+float64, numba installed) ``method="newton"`` on GRU and RNN runs as the compiled sweeps of
+``paraseq.cells.newton``: the same Newton iteration and stopping rule, matrix-free, one pass
+over memory per iteration, with the compiled loop's reverse sweep as its adjoint
+(``SolveInfo.jacobian`` reads "analytic (compiled sweep)"; ``NEWTON_SWEEPS = False`` sends it
+through ``solve_recurrence`` instead). ``"auto"`` asks
 ``paraseq.solve.choose_method`` (T, B, H, device, whether a backward pass will follow) and
 runs torch's fused kernels whenever it answers "sequential": short sequences (T <= 64),
 decoding, and wide batches on a CPU, where the loop is the faster path.
