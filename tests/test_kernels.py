@@ -118,7 +118,8 @@ def test_matches_reference(numba, T, D, shapes, dense, reverse, with_x0, dtype, 
 
 PLANS = [("narrow", 1, 1), ("narrow", 1, 512), ("narrow", 2, 3), ("narrow", 5, 7),
          ("narrow", 16, 512), ("narrow", 50, 2),
-         ("wide", 16, 1), ("wide", 32, 1), ("wide", 16, 2), ("wide", 48, 3), ("wide", 16, 7)]
+         ("wide", 16, 1), ("wide", 32, 1), ("wide", 16, 2), ("wide", 48, 3), ("wide", 16, 7),
+         ("series", 1, 0), ("series", 2, 0), ("series", 3, 0), ("series", 9, 0)]
 
 
 @pytest.mark.parametrize("plan", PLANS)
@@ -127,7 +128,8 @@ def test_every_plan(numba, threaded, plan, dtype):
     # chunk counts that do not divide T, more chunks than threads, chunks shorter than a block,
     # lockstep groups with fewer than four chains, units narrower than a row
     for T, D in ((1, 3), (17, 1), (489, 2), (1047, 3), (211, 40)):
-        if plan[0] == "wide" and D < 16:
+        if (plan[0] == "wide" and D < 16) or (plan[0] == "series"
+                                              and (D != 1 or dtype.is_complex)):
             continue
         for shapes in (((), (), ()), ((3,), (3,), ()), ((), (2, 3), (3,))):
             a, b, x0 = make(*shapes, T, D, dense=False, dtype=dtype, seed=T)
@@ -182,9 +184,29 @@ def test_low_precision_is_computed_in_float32(numba):
         assert err <= 2 * torch.finfo(dtype).eps
 
 
-@pytest.mark.parametrize("plan", [None, ("narrow", 8, 5), ("wide", 16, 3)])
+@pytest.mark.parametrize("plan", [None, ("narrow", 8, 5), ("wide", 16, 3), ("series", 1, 0),
+                                  ("series", 3, 0)])
 def test_nonfinite_propagate_like_the_loop(numba, threaded, plan):
-    T, D = 489, 3 if plan is None or plan[0] == "narrow" else 16
+    T, D = 489, {"narrow": 3, "wide": 16, "series": 3}[plan[0] if plan else "narrow"]
+    if plan and plan[0] == "series":  # one channel: each of the three below its own series
+        a, b, x0 = make((2,), (2,), (), T, D, dense=False, dtype=torch.float64, seed=7)
+        b[0, 100, 1] = float("nan")
+        b[1, 300, 0] = float("inf")
+        a[1, 200, 2] = 0.0
+        b[1, 150, 2] = float("nan")
+        b[0, 40, 0] = float("-inf")
+        a, b = (t.transpose(-1, -2).reshape(6, T, 1) for t in (a, b))
+        x0 = x0.reshape(3, 1).repeat(2, 1).reshape(6, 1)
+        for reverse in (False, True):
+            x = compiled.numba_scan(a, b, x0, dense=False, reverse=reverse, plan=plan)
+            ref = torch.from_numpy(scan_numpy(a.numpy(), b.numpy(), x0.numpy(), dense=False,
+                                              reverse=reverse))
+            assert torch.equal(torch.isnan(x), torch.isnan(ref))
+            assert torch.equal(torch.isinf(x), torch.isinf(ref))
+            assert torch.equal(x[torch.isinf(x)], ref[torch.isinf(ref)])  # the signs too
+            finite = torch.isfinite(ref)
+            assert torch.allclose(x[finite], ref[finite], rtol=1e-10, atol=1e-10)
+        return
     a, b, x0 = make((2,), (2,), (), T, D, dense=False, dtype=torch.float64, seed=7)
     b[0, 100, 1] = float("nan")
     b[1, 300, 0] = float("inf")

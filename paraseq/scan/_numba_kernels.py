@@ -30,6 +30,10 @@ either not fork-safe (GNU OpenMP) or abort on concurrent calls (workqueue).)
   independent multiply-adds are in flight, one channel at a time over blocks of R rows that
   stay in L1. K = 1 chunk per series is a single pass (``narrow_fill`` from x0), K > 1 a
   two-pass scan: every chain's summary, the carries, every chain's fill.
+- ``series``: diagonal a with one real channel (D = 1): ``wide``'s units and phases, each
+  chunk scanned W steps at a time inside a vector register (a log-step scan of the W affine
+  maps, then one multiply-add with the carry), since a one-channel loop is one long
+  dependency chain that neither the compiler nor ``narrow``'s four scalar chains vectorise.
 - ``carries``: the short sequential loop between the passes.
 - ``dense``: x_t = A_t x_{t-1} + b_t with A (D, D) per step; a unit is one batch element.
   Each row of A_t is a contiguous dot product (vectorised: ``reassoc`` lets the compiler split
@@ -48,9 +52,10 @@ propagate as in the sequential loop.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, models, register_model
 
 _DIAG_FLAGS = {"contract"}
 _DENSE_FLAGS = {"contract", "reassoc"}
@@ -328,3 +333,224 @@ def add(a, b, out, flags, task, lo, hi):  # pragma: no cover - compiled
     av, bv, ov = a[lo:hi], b[lo:hi], out[lo:hi]  # indices from 0: no wraparound checks
     for i in range(hi - lo):
         ov[i] = av[i] + bv[i]
+
+
+# --- explicit SIMD for one long series (D = 1) ------------------------------------------------
+# A vector is an LLVM <W x float/double> value (W = the length of the tuple ``vw`` a kernel is
+# given: 16 float32 or 8 float64, a 64-byte register). LLVM does not vectorise a recurrence
+# over one series by itself; these intrinsics let ``series`` scan W steps at a time inside a
+# register (a log-step scan of the affine maps, Hillis and Steele within the vector).
+
+
+class _SVec(types.Type):
+    def __init__(self, dtype, width):
+        self.dtype, self.width = dtype, width
+        super().__init__(name=f"paraseq.scan.SVec({dtype}x{width})")
+
+
+@register_model(_SVec)
+class _SVecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        be = ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), fe_type.width)
+        super().__init__(dmm, fe_type, be)
+
+
+_I32 = ir.IntType(32)
+
+
+def _splat(context, builder, val, fromty, vt):
+    s = context.cast(builder, val, fromty, vt.dtype)
+    v = builder.insert_element(ir.Constant(context.get_value_type(vt), ir.Undefined), s,
+                               ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, vt.width),
+                                                    [0] * vt.width))
+
+
+@intrinsic
+def _vld(typingctx, arr, off, vw):  # pragma: no cover - compiled
+    """arr[off:off + W] (1-D contiguous)."""
+    vt = _SVec(arr.dtype, vw.count)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]),
+                              ir.PointerType(context.get_value_type(vt)))
+        return builder.load(ptr, align=sig.args[0].dtype.bitwidth // 8)
+    return vt(arr, off, vw), codegen
+
+
+@intrinsic
+def _vst(typingctx, arr, off, v):  # pragma: no cover - compiled
+    """arr[off:off + W] = v."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.PointerType(args[2].type))
+        builder.store(args[2], ptr, align=sig.args[0].dtype.bitwidth // 8)
+        return context.get_dummy_value()
+    return types.none(arr, off, v), codegen
+
+
+@intrinsic
+def _vshift(typingctx, v, k, fill, up):  # pragma: no cover - compiled
+    """Lane i of the result is lane i - k of v (up) or i + k (not up), ``fill`` where that
+    lane does not exist. k and up are compile-time constants."""
+    if not isinstance(k, types.IntegerLiteral) or not isinstance(up, types.BooleanLiteral):
+        return None
+    K, UP = k.literal_value, up.literal_value
+
+    def codegen(context, builder, sig, args):
+        vt = sig.args[0]
+        W = vt.width
+        f = _splat(context, builder, args[2], sig.args[2], vt)
+        # shufflevector(v, f): indices < W pick from v, >= W from f
+        if UP:
+            mask = [W + i if i < K else i - K for i in range(W)]
+        else:
+            mask = [i + K if i + K < W else W + i for i in range(W)]
+        return builder.shuffle_vector(args[0], f, ir.Constant(ir.VectorType(_I32, W), mask))
+    return v(v, k, fill, up), codegen
+
+
+@intrinsic
+def _vbcast(typingctx, v, last):  # pragma: no cover - compiled
+    """Every lane = the last lane of v (last) or the first (not last); last a constant."""
+    if not isinstance(last, types.BooleanLiteral):
+        return None
+    LAST = last.literal_value
+
+    def codegen(context, builder, sig, args):
+        W = sig.args[0].width
+        lane = W - 1 if LAST else 0
+        return builder.shuffle_vector(args[0], args[0],
+                                      ir.Constant(ir.VectorType(_I32, W), [lane] * W))
+    return v(v, last), codegen
+
+
+@intrinsic
+def _vfull(typingctx, x, arr, vw):  # pragma: no cover - compiled
+    """A vector of arr's dtype with every lane x."""
+    vt = _SVec(arr.dtype, vw.count)
+
+    def codegen(context, builder, sig, args):
+        return _splat(context, builder, args[0], sig.args[0], vt)
+    return vt(x, arr, vw), codegen
+
+
+@intrinsic
+def _vlane(typingctx, v, i):  # pragma: no cover - compiled
+    """Lane i of v."""
+    def codegen(context, builder, sig, args):
+        return builder.extract_element(args[0], builder.trunc(args[1], _I32))
+    return v.dtype(v, i), codegen
+
+
+@intrinsic
+def _vfma(typingctx, a, b, c):  # pragma: no cover - compiled
+    """a * b + c, lane by lane (one fused multiply-add: ``contract``)."""
+    def codegen(context, builder, sig, args):
+        return builder.fadd(builder.fmul(args[0], args[1], flags=("contract",)), args[2],
+                            flags=("contract",))
+    return a(a, b, c), codegen
+
+
+@intrinsic
+def _vmul(typingctx, a, b):  # pragma: no cover - compiled
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], args[1])
+    return a(a, b), codegen
+
+
+@njit(**_OPTS, inline="always")
+def _block_up(av, bv):  # pragma: no cover - compiled
+    """The inclusive scan of W affine maps x -> a x + b inside a vector: lane i becomes the
+    composition of lanes 0..i. log2(W) steps of a shift and a multiply-add; a shift past W
+    is the identity map (1, 0), so with 8 lanes the last step changes nothing."""
+    bv = _vfma(av, _vshift(bv, 1, 0.0, True), bv)
+    av = _vmul(av, _vshift(av, 1, 1.0, True))
+    bv = _vfma(av, _vshift(bv, 2, 0.0, True), bv)
+    av = _vmul(av, _vshift(av, 2, 1.0, True))
+    bv = _vfma(av, _vshift(bv, 4, 0.0, True), bv)
+    av = _vmul(av, _vshift(av, 4, 1.0, True))
+    bv = _vfma(av, _vshift(bv, 8, 0.0, True), bv)
+    av = _vmul(av, _vshift(av, 8, 1.0, True))
+    return av, bv
+
+
+@njit(**_OPTS, inline="always")
+def _block_down(av, bv):  # pragma: no cover - compiled
+    """``_block_up`` in the other direction: lane i becomes the composition of lanes
+    W-1..i (a reverse scan)."""
+    bv = _vfma(av, _vshift(bv, 1, 0.0, False), bv)
+    av = _vmul(av, _vshift(av, 1, 1.0, False))
+    bv = _vfma(av, _vshift(bv, 2, 0.0, False), bv)
+    av = _vmul(av, _vshift(av, 2, 1.0, False))
+    bv = _vfma(av, _vshift(bv, 4, 0.0, False), bv)
+    av = _vmul(av, _vshift(av, 4, 1.0, False))
+    bv = _vfma(av, _vshift(bv, 8, 0.0, False), bv)
+    av = _vmul(av, _vshift(av, 8, 1.0, False))
+    return av, bv
+
+
+@njit(**_OPTS)
+def series(a, b, out, ia, ib, S, P, bounds, reverse, k0, summaries, vw, flags, task, lo,
+           hi):  # pragma: no cover - compiled
+    """``wide`` for one channel (D = 1), vectorised along time: each block of W steps is
+    scanned inside a register (``_block_up``, ``_block_down``) and joined to the carry by one
+    multiply-add.
+    Units u in [lo, hi) = (n, chunk k = k0 + u % (K - 1)) of one phase, as in ``wide``:
+    phase A fills chunk 0 from its carry S while chunks 1..K-2 compute their summaries
+    (S: the state from zero, P: the product of a), phase B fills chunks 1..K-1."""
+    if task != 0:
+        _store_release(flags, 0, task)
+    W = len(vw)
+    T = out.shape[1]
+    af, bf, of = a.reshape(-1), b.reshape(-1), out.reshape(-1)
+    K = bounds.shape[0] - 1
+    nk = max(1, K - 1)
+    for u in range(lo, hi):
+        n = u // nk
+        k = k0 + u % nk
+        ao, bo, oo = ia[n] * T, ib[n] * T, n * T
+        s0, s1 = bounds[k], bounds[k + 1]
+        nb = (s1 - s0) // W  # whole blocks; the rest one step at a time
+        if summaries and k > 0:
+            sv = _vfull(0.0, af, vw)
+            pv = _vfull(1.0, af, vw)
+            for j in range(nb):
+                s = s0 + j * W
+                t = T - s - W if reverse else s
+                if reverse:
+                    A, B = _block_down(_vld(af, ao + t, vw), _vld(bf, bo + t, vw))
+                    A, B = _vbcast(A, False), _vbcast(B, False)
+                else:
+                    A, B = _block_up(_vld(af, ao + t, vw), _vld(bf, bo + t, vw))
+                    A, B = _vbcast(A, True), _vbcast(B, True)
+                sv = _vfma(A, sv, B)
+                pv = _vmul(A, pv)
+            st, pr = _vlane(sv, 0), _vlane(pv, 0)
+            for s in range(s0 + nb * W, s1):
+                t = T - 1 - s if reverse else s
+                v = af[ao + t]
+                st = v * st + bf[bo + t]
+                pr *= v
+            S[n * K + k, 0] = st
+            P[n * K + k, 0] = pr
+            continue
+        cv = _vfull(S[n * K + k, 0], af, vw)
+        for j in range(nb):
+            s = s0 + j * W
+            t = T - s - W if reverse else s
+            if reverse:
+                A, B = _block_down(_vld(af, ao + t, vw), _vld(bf, bo + t, vw))
+                x = _vfma(A, cv, B)
+                cv = _vbcast(x, False)
+            else:
+                A, B = _block_up(_vld(af, ao + t, vw), _vld(bf, bo + t, vw))
+                x = _vfma(A, cv, B)
+                cv = _vbcast(x, True)
+            _vst(of, oo + t, x)
+        st = _vlane(cv, 0)
+        for s in range(s0 + nb * W, s1):
+            t = T - 1 - s if reverse else s
+            st = af[ao + t] * st + bf[bo + t]
+            of[oo + t] = st
