@@ -187,37 +187,24 @@ def test_low_precision_is_computed_in_float32(numba):
 @pytest.mark.parametrize("plan", [None, ("narrow", 8, 5), ("wide", 16, 3), ("series", 1, 0),
                                   ("series", 3, 0)])
 def test_nonfinite_propagate_like_the_loop(numba, threaded, plan):
-    T, D = 489, {"narrow": 3, "wide": 16, "series": 3}[plan[0] if plan else "narrow"]
-    if plan and plan[0] == "series":  # one channel: each of the three below its own series
-        a, b, x0 = make((2,), (2,), (), T, D, dense=False, dtype=torch.float64, seed=7)
-        b[0, 100, 1] = float("nan")
-        b[1, 300, 0] = float("inf")
-        a[1, 200, 2] = 0.0
-        b[1, 150, 2] = float("nan")
-        b[0, 40, 0] = float("-inf")
-        a, b = (t.transpose(-1, -2).reshape(6, T, 1) for t in (a, b))
-        x0 = x0.reshape(3, 1).repeat(2, 1).reshape(6, 1)
-        for reverse in (False, True):
-            x = compiled.numba_scan(a, b, x0, dense=False, reverse=reverse, plan=plan)
-            ref = torch.from_numpy(scan_numpy(a.numpy(), b.numpy(), x0.numpy(), dense=False,
-                                              reverse=reverse))
-            assert torch.equal(torch.isnan(x), torch.isnan(ref))
-            assert torch.equal(torch.isinf(x), torch.isinf(ref))
-            assert torch.equal(x[torch.isinf(x)], ref[torch.isinf(ref)])  # the signs too
-            finite = torch.isfinite(ref)
-            assert torch.allclose(x[finite], ref[finite], rtol=1e-10, atol=1e-10)
-        return
+    kind = plan[0] if plan else "narrow"
+    T, D = 489, 16 if kind == "wide" else 3
     a, b, x0 = make((2,), (2,), (), T, D, dense=False, dtype=torch.float64, seed=7)
     b[0, 100, 1] = float("nan")
     b[1, 300, 0] = float("inf")
     a[1, 200, 2] = 0.0  # a zero coefficient does not stop a nan (0 * nan = nan)
     b[1, 150, 2] = float("nan")
+    b[0, 40, 0] = float("-inf")
+    if kind == "series":  # one channel: each of the 2 x 3 (batch, channel) series on its own
+        a, b = (t.transpose(-1, -2).reshape(6, T, 1) for t in (a, b))
+        x0 = x0.reshape(3, 1).repeat(2, 1).reshape(6, 1)
     for reverse in (False, True):
         x = compiled.numba_scan(a, b, x0, dense=False, reverse=reverse, plan=plan)
         ref = torch.from_numpy(scan_numpy(a.numpy(), b.numpy(), x0.numpy(), dense=False,
                                           reverse=reverse))
         assert torch.equal(torch.isnan(x), torch.isnan(ref))
         assert torch.equal(torch.isinf(x), torch.isinf(ref))
+        assert torch.equal(x[torch.isinf(x)], ref[torch.isinf(ref)])  # the signs too
         finite = torch.isfinite(ref)
         assert torch.allclose(x[finite], ref[finite], rtol=1e-10, atol=1e-10)
 

@@ -97,7 +97,8 @@ def test_matches_reference(T, D, batch, share, dense, reverse, with_x0, dtype, b
     a, b, x0 = make(ba, bb, bx, T, D, dense=dense, dtype=dtype, x0=with_x0, seed=seed)
     structure = ("dense" if dense else "diagonal") if explicit else "auto"
     # both readings fit: dense (..., T, D, D) and diagonal with a batch dim that broadcasts
-    ambiguous = (T == D and a.dim() <= b.dim() and a.shape[-3:] == (T, D, D)
+    ambiguous = (T == D and a.shape[-3:] == (T, D, D)
+                 and _broadcasts(a.shape[:-3], b.shape[:-2])
                  and _broadcasts(a.shape[:-2], b.shape[:-2]))
     if ambiguous and not explicit:
         with pytest.raises(ValueError, match="pass structure='diagonal' or structure='dense'"):
@@ -196,10 +197,25 @@ def test_structure_disambiguation():
     assert rel_err(diag, scan_numpy(a.numpy(), b.numpy(), dense=False)) <= 1e-12
     dense = paraseq.linear_scan(a, b, structure="dense")
     assert rel_err(dense, scan_numpy(a.numpy(), b.numpy(), dense=True)) <= 1e-12
-    # more dims than b: dense
+    # more dims than b, but the diagonal reading broadcasts too (a batch (4, 4) of (T, D)
+    # coefficients against b's batch (4,)): still ambiguous, so it raises
     a5 = torch.rand(4, 4, 4, 4, dtype=torch.float64) * 0.3
-    x = paraseq.linear_scan(a5, b)
-    assert rel_err(x, scan_numpy(a5.numpy(), b.numpy(), dense=True)) <= 1e-12
+    with pytest.raises(ValueError, match=r"reads both as diagonal .* pass structure="):
+        paraseq.linear_scan(a5, b)
+    # a batch of diagonal coefficients against a shared b (T == D == batch): ambiguous too
+    # (it once read as dense and returned a (T, D) result for a (3, T, D) problem)
+    a3 = torch.rand(3, 3, 3, dtype=torch.float64) * 0.5
+    b3 = torch.randn(3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"reads both as diagonal .* pass structure="):
+        paraseq.linear_scan(a3, b3)
+    x = paraseq.linear_scan(a3, b3, structure="diagonal")
+    assert x.shape == (3, 3, 3)
+    assert rel_err(x, scan_numpy(a3.numpy(), b3.numpy(), dense=False)) <= 1e-12
+    # only one reading broadcasts: no question (b's batch 2 against a's trailing 4 as diagonal)
+    a6 = torch.rand(2, 4, 4, 4, dtype=torch.float64) * 0.3
+    b6 = torch.randn(2, 4, 4, dtype=torch.float64)
+    x = paraseq.linear_scan(a6, b6)
+    assert rel_err(x, scan_numpy(a6.numpy(), b6.numpy(), dense=True)) <= 1e-12
 
 
 def test_auto_rule(monkeypatch):

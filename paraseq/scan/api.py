@@ -233,8 +233,10 @@ def _resolve_structure(a: Tensor, b: Tensor, structure: str) -> bool:
     if structure != "auto":
         raise ValueError(f"linear_scan: structure must be 'auto', 'diagonal' or 'dense'; got "
                          f"{structure!r}")
-    if dense_fits and diag_fits and a.dim() <= b.dim() and _broadcasts(a.shape[:-2],
-                                                                    b.shape[:-2]):
+    # both readings fit when T == D and a's leading dims broadcast with b's either way: a
+    # (T, T, D) with b (T, D) is shared dense matrices or a batch of T diagonal coefficients
+    if (dense_fits and diag_fits and _broadcasts(a.shape[:-3], b.shape[:-2])
+            and _broadcasts(a.shape[:-2], b.shape[:-2])):
         raise ValueError(
             f"linear_scan: a of shape {tuple(a.shape)} with b of shape {tuple(b.shape)} reads "
             f"both as diagonal coefficients with a batch dim and as dense (T, D, D) matrices "
@@ -273,8 +275,9 @@ def linear_scan(
             under ``TRITON_INTERPRET=1``).
         structure: ``"auto"``, ``"diagonal"`` or ``"dense"``. ``"auto"`` reads it from the
             shapes: dense when a's last three dims are (T, D, D), diagonal when its last two are
-            (T, D). When both fit (T == D and a has b's rank, so a's first dim could be a batch
-            dim or the time dim of shared matrices) it raises rather than guess: say which.
+            (T, D). When both fit (T == D, and a's leading dims broadcast with b's under both
+            readings, so a's third-last dim could be a batch dim or the time dim of dense
+            matrices) it raises rather than guess: say which.
 
     Returns:
         x, shape (..., T, D), where ``...`` is the broadcast of the leading dims of a, b and x0
