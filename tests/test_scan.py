@@ -211,6 +211,13 @@ def test_structure_disambiguation():
     x = paraseq.linear_scan(a3, b3, structure="diagonal")
     assert x.shape == (3, 3, 3)
     assert rel_err(x, scan_numpy(a3.numpy(), b3.numpy(), dense=False)) <= 1e-12
+    # shared dense (T, D, D) against a batched b, T == D == 2: the diagonal reading (a batch
+    # (2,) against b's (3,)) does not broadcast, so it is dense (it once went diagonal and
+    # failed on the broadcast)
+    a2 = torch.rand(2, 2, 2, dtype=torch.float64) * 0.5
+    b2 = torch.randn(3, 2, 2, dtype=torch.float64)
+    x = paraseq.linear_scan(a2, b2)
+    assert rel_err(x, scan_numpy(a2.numpy(), b2.numpy(), dense=True)) <= 1e-12
     # only one reading broadcasts: no question (b's batch 2 against a's trailing 4 as diagonal)
     a6 = torch.rand(2, 4, 4, 4, dtype=torch.float64) * 0.3
     b6 = torch.randn(2, 4, 4, dtype=torch.float64)

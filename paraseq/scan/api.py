@@ -233,15 +233,20 @@ def _resolve_structure(a: Tensor, b: Tensor, structure: str) -> bool:
     if structure != "auto":
         raise ValueError(f"linear_scan: structure must be 'auto', 'diagonal' or 'dense'; got "
                          f"{structure!r}")
-    # both readings fit when T == D and a's leading dims broadcast with b's either way: a
-    # (T, T, D) with b (T, D) is shared dense matrices or a batch of T diagonal coefficients
-    if (dense_fits and diag_fits and _broadcasts(a.shape[:-3], b.shape[:-2])
-            and _broadcasts(a.shape[:-2], b.shape[:-2])):
+    # a reading holds when its shape fits and a's leading dims then broadcast with b's. Both
+    # hold only when T == D: a (T, T, D) with b (T, D) is shared dense matrices or a batch of T
+    # diagonal coefficients
+    dense_ok = dense_fits and _broadcasts(a.shape[:-3], b.shape[:-2])
+    diag_ok = diag_fits and _broadcasts(a.shape[:-2], b.shape[:-2])
+    if dense_ok and diag_ok:
         raise ValueError(
             f"linear_scan: a of shape {tuple(a.shape)} with b of shape {tuple(b.shape)} reads "
             f"both as diagonal coefficients with a batch dim and as dense (T, D, D) matrices "
             f"shared across the batch (T == D == {D}); pass structure='diagonal' or "
             f"structure='dense'")
+    if dense_ok or diag_ok:
+        return dense_ok
+    # neither broadcasts: the reading by shape, whose broadcast error then names the shapes
     if dense_fits and (a.dim() > b.dim() or not diag_fits):
         return True
     if diag_fits:
