@@ -25,13 +25,24 @@ then the fair comparison: --threads 1).
 
 --bound prints, instead, the speedup over torch on a grid of (B, H) at one T, forward and
 fwd+bwd, for the bounds in paraseq.nn: where the compiled loop beats torch's fused kernel.
+
+--first-call prints, instead, what the first forward of a paraseq.nn.GRU costs in a fresh
+process (hidden 8, T = 500, float32, no_grad), on the compiled loop (method "auto") and on the
+compiled Newton sweeps (method "newton", ``paraseq.cells.newton``), with the lanes kernel
+(batch 16) and the rows kernel (batch 1): once with an empty NUMBA_CACHE_DIR (the first call
+compiles) and once with the cache that run wrote (the first call loads it), and the second
+call for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -140,7 +151,11 @@ def main() -> int:
     p.add_argument("--bound", action="store_true",
                    help="speedup over torch on a (B, H) grid at --length[0]")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--first-call", action="store_true",
+                   help="the compile / cache-load cost of the first call, in fresh processes")
     args = p.parse_args()
+    if args.first_call:
+        return first_call(args.markdown)
     if not compiled.AVAILABLE:
         print("numba is not installed: nothing to time", file=sys.stderr)
         return 1
@@ -162,6 +177,41 @@ def main() -> int:
     headers = ["cell", "H", "B", "T", "pass", "kernel", "compiled ms", "torch ms", "speedup",
                "err"]
     print(format_table(headers, rows, args.markdown))
+    return 0
+
+
+_FIRST_CALL = """
+import json, sys, time
+import torch
+import paraseq.nn as pn
+method, B = sys.argv[1], int(sys.argv[2])
+m = pn.GRU(8, 8, batch_first=True, method=method)
+x = torch.randn(B, 500, 8)
+with torch.no_grad():
+    t = time.perf_counter(); m(x); first = time.perf_counter() - t
+    t = time.perf_counter(); m(x); second = time.perf_counter() - t
+print(json.dumps({"first": first, "second": second, "path": m.last_path}))
+"""
+
+
+def first_call(markdown: bool) -> int:
+    rows = []
+    root = str(Path(__file__).resolve().parent.parent)
+    for method, B in (("auto", 16), ("auto", 1), ("newton", 16), ("newton", 1)):
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, NUMBA_CACHE_DIR=cache,
+                       PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+            for state in ("cold", "warm"):
+                out = subprocess.run([sys.executable, "-c", _FIRST_CALL, method, str(B)],
+                                     env=env, capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                kernel = compiled._plan(B, 500, 8, 8, 24, torch.float32)[0]
+                rows.append([f"GRU(method={method!r})", B, r["path"], kernel, state,
+                             f"{r['first']:.2f}", f"{r['second'] * 1e3:.2f}"])
+                print(f"{method} B={B} {state}: {r['first']:.2f} s", file=sys.stderr,
+                      flush=True)
+    print(format_table(["module", "batch", "path", "kernel", "cache", "first call s",
+                        "second call ms"], rows, markdown))
     return 0
 
 
