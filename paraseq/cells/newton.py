@@ -37,7 +37,7 @@ matters:
 - no initial pass: the first guess is h = 0 (DEER's), whose g is b_hh, so the first sweep needs
   nothing computed in advance; it also reports the residual of that guess.
 
-First call: the kernel a problem needs compiles on first use (about 3 s, once per layout and
+First call: the kernel a problem needs compiles on first use (3 to 4 s, once per layout and
 dtype, then numba's on-disk cache: about 0.5 s to load in a later process;
 ``benchmarks/compiled.py --first-call``).
 
