@@ -688,3 +688,33 @@ def test_nan_input_gives_nan_where_torch_does(mode, method):
     assert torch.equal(y.isnan(), yr.isnan()) and bool(y[100:, 1].isnan().all())
     if ours.last_solve_info:
         assert not any(i.converged for i in ours.last_solve_info)
+
+
+@pytest.mark.skipif(not compiled.AVAILABLE, reason="numba is not installed")
+def test_newton_sweeps_honour_tol_max_iter_and_on_failure():
+    """The modules' solver options reach the sweeps: an explicit tol is the acceptance rule
+    (no refinement), max_iter caps the sweeps, and on_failure decides what a cap does."""
+    from paraseq import ConvergenceError
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 2, 3)
+    m = pnn.GRU(3, 6, method="newton", tol=1e-3)
+    with torch.no_grad():
+        m(x)
+    (info,) = m.last_solve_info
+    assert info.jacobian == "analytic (compiled sweep)"
+    assert info.tol == 1e-3 and info.converged and info.residual <= 1e-3
+    assert len(info.residuals) == info.iterations + 1
+    m = pnn.GRU(3, 6, method="newton", max_iter=1, on_failure="raise")
+    with pytest.raises(ConvergenceError), torch.no_grad():
+        m(x)
+    m = pnn.GRU(3, 6, method="newton", max_iter=1)  # on_failure="fallback": the loop finishes
+    ref = torch.nn.GRU(3, 6)
+    ref.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        y, _ = m(x)
+        yr, _ = ref(x)
+    (info,) = m.last_solve_info
+    assert info.iterations == 1 and info.fell_back and m.last_path.startswith(
+        "parallel (newton), fell back at t=")
+    assert float((y - yr).abs().max()) < 1e-5
