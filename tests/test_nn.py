@@ -648,11 +648,12 @@ def test_empty_batch_and_empty_sequence():
 
 
 @pytest.mark.skipif(not compiled.AVAILABLE, reason="numba is not installed")
-@pytest.mark.parametrize("mode,nonlin", [("GRU", None), ("RNN", "tanh"), ("RNN", "relu")])
+@pytest.mark.parametrize("mode,nonlin", [("GRU", None), ("RNN", "tanh"), ("RNN", "relu"),
+                                         ("LSTM", None)])
 def test_newton_runs_as_compiled_sweeps_and_matches_the_generic_loop(mode, nonlin, monkeypatch):
-    """method="newton" on the CPU GRU/RNN modules runs paraseq.cells.newton's sweeps (its
+    """method="newton" on the CPU GRU/RNN/LSTM modules runs paraseq.cells.newton's sweeps (its
     SolveInfo says so); with rnn.NEWTON_SWEEPS off it runs solve_recurrence. Both give torch's
-    outputs and gradients, packed and bidirectional, with h0."""
+    outputs and gradients, packed and bidirectional, with h0 (and c0)."""
     from paraseq.nn import rnn
 
     kw = dict(input_size=3, hidden_size=5, num_layers=2, bidirectional=True, batch_first=True)
@@ -661,6 +662,8 @@ def test_newton_runs_as_compiled_sweeps_and_matches_the_generic_loop(mode, nonli
     ref, ours = _pair(mode, 3, torch.float64, method="newton", **kw)
     x = torch.randn(4, 90, 3, dtype=torch.float64)
     hx = 0.3 * torch.randn(4, 4, 5, dtype=torch.float64)
+    if mode == "LSTM":
+        hx = (hx, 0.3 * torch.randn(4, 4, 5, dtype=torch.float64))
     lengths = torch.tensor([90, 71, 40, 3])
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
     for inp in (x, packed):
@@ -671,6 +674,16 @@ def test_newton_runs_as_compiled_sweeps_and_matches_the_generic_loop(mode, nonli
         assert all(i.residual <= 1e-12 for i in infos)
     monkeypatch.setattr(rnn, "NEWTON_SWEEPS", False)
     _compare(ref, ours, x, hx, torch.float64)
+    assert all(i.jacobian == "analytic" for i in ours.last_solve_info)
+
+
+def test_lstm_with_proj_size_keeps_the_generic_newton():
+    """The sweeps have no projection: a projected LSTM's newton goes through solve_recurrence,
+    with torch's numbers."""
+    ref, ours = _pair("LSTM", 4, torch.float64, input_size=3, hidden_size=5, proj_size=2,
+                      method="newton")
+    x = torch.randn(60, 2, 3, dtype=torch.float64)
+    _compare(ref, ours, x, None, torch.float64)
     assert all(i.jacobian == "analytic" for i in ours.last_solve_info)
 
 

@@ -1156,8 +1156,8 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
 _NEWTON_CLIP = 1e8  # as paraseq.solve.iterate.CLIP
 
 
-def _lanes_newton(cell, gi, gs, h0, w, bh, hb, hs, gb, gss, start, first, pmax, smax, omax,
-                  tol, T, H, lo, hi, vw):  # pragma: no cover - compiled
+def _lanes_newton(cell, gi, gs, h0, c0, w, bh, hb, hs, cb, cs, gb, gss, start, first, pmax,
+                  smax, omax, tol, T, H, lo, hi, vw):  # pragma: no cover - compiled
     """One Newton sweep over batch rows [lo, hi) (lo a multiple of W), W rows in lockstep.
 
     gi (B, T, K) and the iterate hb (B, T, H) and gb (B, T, K), g_t = W_hh h_{t-1} + b_hh of it,
@@ -1166,7 +1166,9 @@ def _lanes_newton(cell, gi, gs, h0, w, bh, hb, hs, gb, gss, start, first, pmax, 
     sweeps (T: none). Written per group: first[grp], the first step whose new residual is
     above tol (T if none); pmax[grp], the largest new residual before it; smax[grp], the
     largest over the swept steps; omax[grp], the largest residual of the iterate it was given
-    over the same steps."""
+    over the same steps. The LSTM's state is (h, c): c0 (B, H) row-major, cb (B, T, H) with
+    strides cs, its iterate of c, updated in place too; the residual is the larger of h's and
+    c's."""
     W = len(vw)
     K = bh.shape[0]
     NG = (hi - lo + W - 1) // W
@@ -1176,10 +1178,14 @@ def _lanes_newton(cell, gi, gs, h0, w, bh, hb, hs, gb, gss, start, first, pmax, 
     hop = np.zeros(NG * H * W, dtype=dt)  # h_{t-1} of the old iterate, per group
     hnp = np.zeros(NG * H * W, dtype=dt)  # h'_{t-1} of the new one
     gn = np.zeros(NG * K * W, dtype=dt)  # g'_t = W_hh h'_{t-1} + b_hh
+    lstm = cell == _LSTM
+    cop = np.zeros(NG * H * W if lstm else 1, dtype=dt)  # c_{t-1}, old and new (LSTM)
+    cnp = np.zeros(NG * H * W if lstm else 1, dtype=dt)
     book = np.zeros(NG * 5 * W, dtype=dt)  # per group: seen, count, pm, sm, om
     sb, st, sj = gs
     hb_, ht, hj = hs
     gb_, gt, gj = gss
+    cb_, ct, cj = cs
     t_lo = T
     for grp in range(NG):
         t_lo = min(t_lo, start[g0 + grp])
@@ -1202,17 +1208,69 @@ def _lanes_newton(cell, gi, gs, h0, w, bh, hb, hs, gb, gss, start, first, pmax, 
                         v = _ld(hb, (s - 1) * ht + b0 * hb_ + i * hj, hb_, n, vw)
                     _vstore(hop, ho + i * W, v)
                     _vstore(hnp, ho + i * W, v)
+                    if lstm:
+                        if s == 0:
+                            v = _ld(c0, b0 * H + i, H, n, vw)
+                        else:
+                            v = _ld(cb, (s - 1) * ct + b0 * cb_ + i * cj, cb_, n, vw)
+                        _vstore(cop, ho + i * W, v)
+                        _vstore(cnp, ho + i * W, v)
                 for j in range(K):
                     _vstore(gn, go + j * W, _ld(gb, s * gt + b0 * gb_ + j * gj, gb_, n, vw))
             x0 = t * st + b0 * sb
             q0 = t * gt + b0 * gb_
             h_0 = t * ht + b0 * hb_
+            c_0 = t * ct + b0 * cb_
             rm = zero
             om = zero
             for i in range(H):
                 hp = _vload(hop, ho + i * W, vw)
                 hq = _vload(hnp, ho + i * W, vw)
                 old = _ld(hb, h_0 + i * hj, hb_, n, vw)
+                if lstm:
+                    cp = _vload(cop, ho + i * W, vw)
+                    cq = _vload(cnp, ho + i * W, vw)
+                    oldc = _ld(cb, c_0 + i * cj, cb_, n, vw)
+                    xi = _ld(gi, x0 + i * sj, sb, n, vw)
+                    xf = _ld(gi, x0 + (H + i) * sj, sb, n, vw)
+                    xg = _ld(gi, x0 + (2 * H + i) * sj, sb, n, vw)
+                    xo = _ld(gi, x0 + (3 * H + i) * sj, sb, n, vw)
+                    yi = _ld(gb, q0 + i * gj, gb_, n, vw)
+                    yf = _ld(gb, q0 + (H + i) * gj, gb_, n, vw)
+                    yg = _ld(gb, q0 + (2 * H + i) * gj, gb_, n, vw)
+                    yo = _ld(gb, q0 + (3 * H + i) * gj, gb_, n, vw)
+                    ui = _vload(gn, go + i * W, vw)
+                    uf = _vload(gn, go + (H + i) * W, vw)
+                    ug = _vload(gn, go + (2 * H + i) * W, vw)
+                    uo = _vload(gn, go + (3 * H + i) * W, vw)
+                    ga = _lstm_f(xi, xf, xg, xo, yi, yf, yg, yo, cp)
+                    ig, fg, gg, og, fc, tc = ga[0], ga[1], ga[2], ga[3], ga[4], ga[5]
+                    fh = og * tc
+                    dc = (fg * (cq - cp) + cp * fg * (one - fg) * (uf - yf)
+                          + gg * ig * (one - ig) * (ui - yi) + ig * (one - gg * gg) * (ug - yg))
+                    dh = og * (one - og) * (uo - yo) * tc + og * (one - tc * tc) * dc
+                    h = _clip(_vnan_to(fh + dh, 0.0), _NEWTON_CLIP)
+                    c = _clip(_vnan_to(fc + dc, 0.0), _NEWTON_CLIP)
+                    gb2 = _lstm_f(xi, xf, xg, xo, ui, uf, ug, uo, cq)
+                    f2h = gb2[3] * gb2[5]
+                    f2c = gb2[4]
+                    d = h - f2h
+                    e = c - f2c
+                    res = _vmax(_vmax(d, -d) / (one + _vmax(f2h, -f2h)),
+                                _vmax(e, -e) / (one + _vmax(f2c, -f2c)))
+                    rm = _vmax(rm, _vnan_to(res, np.inf))
+                    d0 = old - fh
+                    e0 = oldc - fc
+                    r0 = _vmax(_vmax(d0, -d0) / (one + _vmax(fh, -fh)),
+                               _vmax(e0, -e0) / (one + _vmax(fc, -fc)))
+                    om = _vmax(om, _vnan_to(r0, np.inf))
+                    _vstore(hop, ho + i * W, old)
+                    _vstore(hnp, ho + i * W, h)
+                    _vstore(cop, ho + i * W, oldc)
+                    _vstore(cnp, ho + i * W, c)
+                    _st(hb, h_0 + i * hj, hb_, n, h, vw)
+                    _st(cb, c_0 + i * cj, cb_, n, c, vw)
+                    continue
                 if cell == _GRU:
                     xr = _ld(gi, x0 + i * sj, sb, n, vw)
                     xz = _ld(gi, x0 + (H + i) * sj, sb, n, vw)
@@ -1311,13 +1369,14 @@ def _lanes_newton(cell, gi, gs, h0, w, bh, hb, hs, gb, gss, start, first, pmax, 
         omax[g0 + grp] = o
 
 
-def _rows_newton(cell, gi, gs, h0, wT, bh, hb, hs, gb, gss, start, first, pmax, smax, omax,
-                 tol, T, H, lo, hi, vw):  # pragma: no cover - compiled
+def _rows_newton(cell, gi, gs, h0, c0, wT, bh, hb, hs, cb, cs, gb, gss, start, first, pmax,
+                 smax, omax, tol, T, H, lo, hi, vw):  # pragma: no cover - compiled
     """``_lanes_newton`` for batch rows [lo, hi) one after another, vectors over W units (the
     better layout for a few rows): wT (H, NQ Hp) and bh (NQ Hp) padded with zeros to Hp, a
     multiple of W, per gate; start/first/... are per batch row. hb and gb are this module's
     buffers, padded likewise: memory (T, B, Hp) and (T, B, NQ, Hp), zero in the padding, so
-    every access to them is a whole vector; hs, gss give their (b, t) strides."""
+    every access to them is a whole vector; hs, gss give their (b, t) strides. The LSTM's cb
+    is laid out as hb (strides cs)."""
     W = len(vw)
     NQ = _NGATES_T[cell]
     Hp = (H + W - 1) // W * W
@@ -1327,10 +1386,14 @@ def _rows_newton(cell, gi, gs, h0, wT, bh, hb, hs, gb, gss, start, first, pmax, 
     hop = np.zeros(Hp, dtype=dt)
     hnp = np.zeros(Hp, dtype=dt)
     gn = np.zeros(R, dtype=dt)
+    lstm = cell == _LSTM
+    cop = np.zeros(Hp, dtype=dt)
+    cnp = np.zeros(Hp, dtype=dt)
     scratch = np.zeros(2 * W, dtype=dt)
     sb, st, sj = gs
     hb_, ht = hs
     gb_, gt = gss
+    cb_, ct = cs
     one = _vfull(1.0, gn, vw)
     zero = _vfull(0.0, gn, vw)
     for b in range(lo, hi):
@@ -1350,6 +1413,13 @@ def _rows_newton(cell, gi, gs, h0, wT, bh, hb, hs, gb, gss, start, first, pmax, 
                 v = _vload(hb, (s - 1) * ht + b * hb_ + i0, vw)
             _vstore(hop, i0, v)
             _vstore(hnp, i0, v)
+            if lstm:
+                if s == 0:
+                    v = _ld(c0, b * H + i0, 1, n, vw)
+                else:
+                    v = _vload(cb, (s - 1) * ct + b * cb_ + i0, vw)
+                _vstore(cop, i0, v)
+                _vstore(cnp, i0, v)
             for q in range(NQ):
                 _vstore(gn, q * Hp + i0, _vload(gb, s * gt + b * gb_ + q * Hp + i0, vw))
         seen = False
@@ -1361,6 +1431,7 @@ def _rows_newton(cell, gi, gs, h0, wT, bh, hb, hs, gb, gss, start, first, pmax, 
             x0 = b * sb + t * st
             q0 = b * gb_ + t * gt
             h_0 = b * hb_ + t * ht
+            c_0 = b * cb_ + t * ct
             rm = zero
             orm = zero
             for ib in range(Hp // W):
@@ -1369,6 +1440,52 @@ def _rows_newton(cell, gi, gs, h0, wT, bh, hb, hs, gb, gss, start, first, pmax, 
                 hp = _vload(hop, i0, vw)
                 hq = _vload(hnp, i0, vw)
                 old = _vload(hb, h_0 + i0, vw)
+                if lstm:
+                    cp = _vload(cop, i0, vw)
+                    cq = _vload(cnp, i0, vw)
+                    oldc = _vload(cb, c_0 + i0, vw)
+                    xi = _ld(gi, x0 + i0 * sj, sj, n, vw)
+                    xf = _ld(gi, x0 + (H + i0) * sj, sj, n, vw)
+                    xg = _ld(gi, x0 + (2 * H + i0) * sj, sj, n, vw)
+                    xo = _ld(gi, x0 + (3 * H + i0) * sj, sj, n, vw)
+                    yi = _vload(gb, q0 + i0, vw)
+                    yf = _vload(gb, q0 + Hp + i0, vw)
+                    yg = _vload(gb, q0 + 2 * Hp + i0, vw)
+                    yo = _vload(gb, q0 + 3 * Hp + i0, vw)
+                    ui = _vload(gn, i0, vw)
+                    uf = _vload(gn, Hp + i0, vw)
+                    ug = _vload(gn, 2 * Hp + i0, vw)
+                    uo = _vload(gn, 3 * Hp + i0, vw)
+                    ga = _lstm_f(xi, xf, xg, xo, yi, yf, yg, yo, cp)
+                    ig, fg, gg, og, fc, tc = ga[0], ga[1], ga[2], ga[3], ga[4], ga[5]
+                    fh = og * tc
+                    dc = (fg * (cq - cp) + cp * fg * (one - fg) * (uf - yf)
+                          + gg * ig * (one - ig) * (ui - yi) + ig * (one - gg * gg) * (ug - yg))
+                    dh = og * (one - og) * (uo - yo) * tc + og * (one - tc * tc) * dc
+                    h = _clip(_vnan_to(fh + dh, 0.0), _NEWTON_CLIP)
+                    c = _clip(_vnan_to(fc + dc, 0.0), _NEWTON_CLIP)
+                    gb2 = _lstm_f(xi, xf, xg, xo, ui, uf, ug, uo, cq)
+                    f2h = gb2[3] * gb2[5]
+                    f2c = gb2[4]
+                    d = h - f2h
+                    e = c - f2c
+                    res = _vmax(_vmax(d, -d) / (one + _vmax(f2h, -f2h)),
+                                _vmax(e, -e) / (one + _vmax(f2c, -f2c)))
+                    rm = _vmax(rm, _vnan_to(res, np.inf))
+                    d0 = old - fh
+                    e0 = oldc - fc
+                    r0 = _vmax(_vmax(d0, -d0) / (one + _vmax(fh, -fh)),
+                               _vmax(e0, -e0) / (one + _vmax(fc, -fc)))
+                    orm = _vmax(orm, _vnan_to(r0, np.inf))
+                    _vstore(hop, i0, old)
+                    _vstore(hnp, i0, h)
+                    _vstore(cop, i0, oldc)
+                    _vstore(cnp, i0, c)
+                    _vstore(hb, h_0 + i0, h)
+                    _vstore(cb, c_0 + i0, c)
+                    for q in range(NQ):  # the new iterate's g_t
+                        _vstore(gb, q0 + q * Hp + i0, _vload(gn, q * Hp + i0, vw))
+                    continue
                 if cell == _GRU:
                     xr = _ld(gi, x0 + i0 * sj, sj, n, vw)
                     xz = _ld(gi, x0 + (H + i0) * sj, sj, n, vw)

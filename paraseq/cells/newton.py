@@ -1,8 +1,8 @@
-"""Newton's method for the built-in dense cells (GRU, Elman) as one compiled sweep per
-iteration (numba), matrix-free.
+"""Newton's method for the built-in dense cells (GRU, Elman, LSTM without projection) as one
+compiled sweep per iteration (numba), matrix-free.
 
 Shape letters: B batch, T time, H hidden size, K = G H gate pre-activations (GRU G = 3, Elman
-G = 1), W the SIMD width (16 float32, 8 float64).
+G = 1, LSTM G = 4), W the SIMD width (16 float32, 8 float64).
 
 Newton (DEER) on h_t = f(gi_t, h_{t-1}) solves, per iteration, the linear recurrence
 
@@ -16,16 +16,22 @@ and u = g'_t - g_t = W_hh delta. GRU (torch's gates r, z, n):
 
     J delta = z delta + (1 - z)(1 - n^2)(r u_n + g_n r (1 - r) u_r) + (h - n) z (1 - z) u_z
 
-Elman: J delta = act'(gi + g) u. So one sweep over time does the whole iteration: the cell at the
-current iterate, the scan step, the matrix-vector product g'_{t+1} = W_hh h'_t + b_hh (the only
-O(H^2) work per step, the same as one step of the sequential loop), and the residual of the
-*new* iterate, max_t |h'_t - f(h'_{t-1})| / (1 + |f|), from the same products. The sweep runs
-sequentially in time, SIMD across the batch (kernel "lanes": W rows in lockstep, threads over
-groups of rows) or, for a few rows, across the units (kernel "rows"), chosen by
-``compiled._plan`` as for the compiled loops. The dense scan of the numba backend is sequential
-in time too (parallel over batch rows), and on a CPU a log-depth scan of H x H products costs H
-times the work. The kernels, ``_lanes_newton`` and ``_rows_newton``, live in ``compiled.py``
-(numba's on-disk cache keys a kernel on its own file only).
+Elman: J delta = act'(gi + g) u. LSTM, state (h, c), delta = (dh, dc):
+
+    J delta: dc_t = f dc_{t-1} + c_{t-1} f (1 - f) u_f + g i (1 - i) u_i + i (1 - g^2) u_g
+             dh_t = o (1 - o) u_o tanh(C) + o (1 - tanh(C)^2) dc_t
+
+with the gates i, f, g, o and C = f c_{t-1} + i g at the current iterate. So one sweep over time
+does the whole iteration: the cell at the current iterate, the scan step, the matrix-vector
+product g'_{t+1} = W_hh h'_t + b_hh (the only O(H^2) work per step, the same as one step of the
+sequential loop), and the residual of the *new* iterate, max_t |h'_t - f(h'_{t-1})| / (1 + |f|),
+from the same products. The sweep runs sequentially in time, SIMD across the batch (kernel
+"lanes": W rows in lockstep, threads over groups of rows) or, for a few rows, across the units
+(kernel "rows"), chosen by ``compiled._plan`` as for the compiled loops. The dense scan of the
+numba backend is sequential in time too (parallel over batch rows), and on a CPU a log-depth
+scan of H x H products costs H times the work. The kernels, ``_lanes_newton`` and
+``_rows_newton``, live in ``compiled.py`` (numba's on-disk cache keys a kernel on its own file
+only).
 
 Two savings of the sweep over the generic loop, neither changing what is computed where it
 matters:
@@ -63,29 +69,36 @@ PATIENCE = 8
 (``paraseq.solve``'s rule)."""
 
 
-def _sweeps(cell: int, gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tensor, *,
-            target: float, accept: float, max_iter: int, patience: int = PATIENCE):
-    """Newton sweeps from h = 0 until the residual is <= target, or (above ``accept``) it has
-    not halved for ``patience`` sweeps, or (at or below ``accept``) a sweep fails to halve it,
-    or ``max_iter`` sweeps were made. -> (h (B, T, H), sweeps, residuals, first failing step
-    (T if none) for ``target``, the first step each sweep started at)."""
+def _sweeps(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Tensor,
+            bias_hh: Tensor, *, target: float, accept: float, max_iter: int,
+            patience: int = PATIENCE):
+    """Newton sweeps from h = 0 (and c = 0) until the residual is <= target, or (above
+    ``accept``) it has not halved for ``patience`` sweeps, or (at or below ``accept``) a sweep
+    fails to halve it, or ``max_iter`` sweeps were made. -> (h (B, T, H), c (B, T, H) or None,
+    sweeps, residuals, first failing step (T if none) for ``target``, the first step each
+    sweep started at)."""
     B, T, K = gi.shape
     H = h0.shape[-1]
+    lstm = c0 is not None
     kernel, nt = C._plan(B, T, H, H, K, gi.dtype)
     W = C._width(gi.dtype)
     vw = (0,) * W
     dt = gi.dtype
     lanes = kernel == "lanes"
-    # the iterate h (B, T, H) and g (B, T, K), g_t = W_hh h_{t-1} + b_hh, laid out for the
-    # kernel's vectors: batch contiguous (lanes), or units contiguous and padded with zeros to
-    # whole vectors per gate (rows)
+    # the iterate h (B, T, H) (and c) and g (B, T, K), g_t = W_hh h_{t-1} + b_hh, laid out for
+    # the kernel's vectors: batch contiguous (lanes), or units contiguous and padded with
+    # zeros to whole vectors per gate (rows)
     g0 = h0 @ weight_hh.t() + bias_hh  # (B, K)
+    cv = None
     if lanes:
         hv = C._empty_like_layout(B, T, H, lanes, gi)
         gv = C._empty_like_layout(B, T, K, lanes, gi)
         hv.zero_()
         gv[:, 1:] = bias_hh
         gv[:, 0] = g0
+        if lstm:
+            cv = C._empty_like_layout(B, T, H, lanes, gi)
+            cv.zero_()
     else:
         NQ = K // H
         Hp = -(-H // W) * W
@@ -96,14 +109,22 @@ def _sweeps(cell: int, gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tenso
         gbuf[1:, :, :, :H] = bias_hh.view(NQ, H)
         gbuf[0, :, :, :H] = g0.view(B, NQ, H)
         hv = hbuf[:, :, :H].transpose(0, 1)  # (B, T, H)
+        if lstm:
+            cbuf = C._alloc((T, B, Hp), dt)
+            cbuf.zero_()
+            cv = cbuf[:, :, :H].transpose(0, 1)
     gif, gs = C._flat(gi)
+    empty = np.zeros(1, dtype=np.float32 if dt == torch.float32 else np.float64)
     if lanes:
         hbf, hs = C._flat(hv)
         gbf, gss = C._flat(gv)
+        cbf, cs = C._flat(cv) if lstm else (empty, (0, 0, 0))
     else:
         hbf, gbf = hbuf.view(-1).numpy(), gbuf.view(-1).numpy()
         hs, gss = (Hp, B * Hp), (NQ * Hp, B * NQ * Hp)  # (b, t) strides
+        cbf, cs = (cbuf.view(-1).numpy(), hs) if lstm else (empty, (0, 0))
     h0f = C._vec(h0)
+    c0f = C._vec(c0) if lstm else empty
     wts = C._Weights(cell, weight_hh, bias_hh, None, H, H, lanes, W)
     NG = -(-B // W) if lanes else B
     npdt = np.float32 if dt == torch.float32 else np.float64
@@ -115,8 +136,8 @@ def _sweeps(cell: int, gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tenso
     w = wts.w if lanes else wts.wT
 
     def part(lo, hi):
-        kern(cell, gif, gs, h0f, w, wts.bh, hbf, hs, gbf, gss, start, first, pmax, smax, omax,
-             npdt(target), T, H, lo, hi, vw)
+        kern(cell, gif, gs, h0f, c0f, w, wts.bh, hbf, hs, cbf, cs, gbf, gss, start, first,
+             pmax, smax, omax, npdt(target), T, H, lo, hi, vw)
 
     residuals: list[float] = []
     starts: list[int] = []
@@ -145,15 +166,16 @@ def _sweeps(cell: int, gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tenso
                 since += 1
             if since >= patience:
                 break
-    return hv, k, residuals, int(start.min()), starts
+    return hv, cv, k, residuals, int(start.min()), starts
 
 
 def newton_sequence(cell: int, gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tensor, *,
                     target: float, accept: float, max_iter: int, on_failure: str,
-                    stats: dict | None = None):
-    """The states (B, T, H) by Newton sweeps, and the solve's ``SolveInfo``; differentiable in
-    gi, h0, weight_hh and bias_hh by the implicit adjoint (the compiled loop's reverse sweep at
-    the solution: exact whatever the iterations did).
+                    c0: Tensor | None = None, stats: dict | None = None):
+    """The states (B, T, H) by Newton sweeps (the LSTM, given c0: the tuple (h, c)), and the
+    solve's ``SolveInfo``; differentiable in gi, h0, c0, weight_hh and bias_hh by the implicit
+    adjoint (the compiled loop's reverse sweep at the solution: exact whatever the iterations
+    did).
 
     Converged means residual <= ``accept`` (the sweeps aim at ``target`` <= accept). Otherwise
     ``on_failure``: "fallback" finishes with the compiled sequential loop from the first step
@@ -161,8 +183,11 @@ def newton_sequence(cell: int, gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_h
     ``paraseq.ConvergenceError``, "warn" warns and returns the last iterate. ``stats``, if
     given, receives "starts": the first step each sweep began at (the converged prefix before
     it was left alone)."""
+    if (cell == C._LSTM) != (c0 is not None):
+        raise ValueError("newton_sequence: c0 is the LSTM's initial cell state, needed by the "
+                         "LSTM and by no other cell")
     info: dict = {}
-    states = _NewtonSequence.apply(cell, gi, h0, weight_hh, bias_hh,
+    states = _NewtonSequence.apply(cell, gi, h0, c0, weight_hh, bias_hh,
                                    (target, accept, max_iter, on_failure, info))
     if stats is not None:
         stats["starts"] = info["starts"]
@@ -177,14 +202,15 @@ def supported(gi: Tensor) -> bool:
 class _NewtonSequence(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, cell, gi, h0, weight_hh, bias_hh, opts):
+    def forward(ctx, cell, gi, h0, c0, weight_hh, bias_hh, opts):
         import warnings
 
         from ..solve.api import ConvergenceError, SolveInfo
 
         target, accept, max_iter, on_failure, out = opts
-        oh, k, residuals, fail, out["starts"] = _sweeps(
-            cell, gi, h0, weight_hh, bias_hh, target=target, accept=accept, max_iter=max_iter)
+        oh, oc, k, residuals, fail, out["starts"] = _sweeps(
+            cell, gi, h0, c0, weight_hh, bias_hh, target=target, accept=accept,
+            max_iter=max_iter)
         r = residuals[-1]
         info = SolveInfo(method="newton", iterations=k, converged=r <= accept, residual=r,
                          jacobian="analytic (compiled sweep)", tol=accept, residuals=residuals)
@@ -200,23 +226,27 @@ class _NewtonSequence(torch.autograd.Function):
                               f"iterations (residual {r:.3e} > tol {accept:.1e}); returning "
                               f"the last iterate", RuntimeWarning, stacklevel=4)
             else:  # fallback: the compiled loop from the first step above target
-                start = h0 if fail == 0 else oh[:, fail - 1]
-                rest = C._forward(cell, gi[:, fail:], start.contiguous(), None, weight_hh,
-                                  bias_hh, None)[0]
-                oh[:, fail:] = rest
+                hs = h0 if fail == 0 else oh[:, fail - 1]
+                cs = None if oc is None else (c0 if fail == 0 else oc[:, fail - 1])
+                rh, rc, _ = C._forward(cell, gi[:, fail:], hs.contiguous(),
+                                       None if cs is None else cs.contiguous(), weight_hh,
+                                       bias_hh, None)
+                oh[:, fail:] = rh
+                if oc is not None:
+                    oc[:, fail:] = rc
                 info.fell_back, info.fallback_from = True, fail
         out["info"] = info
         ctx.cell = cell
-        ctx.save_for_backward(gi, h0, weight_hh, bias_hh, oh)
-        return oh
+        ctx.save_for_backward(gi, h0, c0, weight_hh, bias_hh, oh, oc)
+        return oh if oc is None else (oh, oc)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_h):
-        gi, h0, weight_hh, bias_hh, oh = ctx.saved_tensors
+    def backward(ctx, g_h, g_c=None):
+        gi, h0, c0, weight_hh, bias_hh, oh, oc = ctx.saved_tensors
         B, T, K = gi.shape
         H = h0.shape[-1]
         kernel = C._plan(B, T, H, H, K, gi.dtype)[0]
-        dgi, dh0, _, dwh, dbh, _ = C._backward(ctx.cell, gi, h0, None, weight_hh, bias_hh, None,
-                                               oh, None, g_h, None, kernel)
-        return None, dgi, dh0, dwh, dbh, None
+        dgi, dh0, dc0, dwh, dbh, _ = C._backward(ctx.cell, gi, h0, c0, weight_hh, bias_hh,
+                                                 None, oh, oc, g_h, g_c, kernel)
+        return None, dgi, dh0, dc0, dwh, dbh, None

@@ -24,7 +24,8 @@ layer and direction as one ``solve_recurrence``: the input products W_ih x + b_i
 in one matmul, then Newton (or the chosen method) over the recurrent half with the analytic
 Jacobians of ``paraseq.nn._gated``; the backward pass is the implicit adjoint (one reverse
 scan per layer and direction), exact whatever method the forward used. On a CPU (float32 or
-float64, numba installed) ``method="newton"`` on GRU and RNN runs as the compiled sweeps of
+float64, numba installed) ``method="newton"`` on GRU, RNN and LSTM (without proj_size) runs
+as the compiled sweeps of
 ``paraseq.cells.newton``: the same Newton iteration and stopping rule, matrix-free, one pass
 over memory per iteration, with the compiled loop's reverse sweep as its adjoint
 (``SolveInfo.jacobian`` reads "analytic (compiled sweep)"; ``NEWTON_SWEEPS = False`` sends it
@@ -125,11 +126,11 @@ A name missing from the module is simply not used."""
 
 
 NEWTON_SWEEPS = True
-"""method="newton" on the GRU and RNN modules runs as ``paraseq.cells.newton``'s compiled sweeps
-where they serve (``_sweeps_newton``); False sends it through ``solve_recurrence``."""
+"""method="newton" on the GRU, RNN and LSTM modules runs as ``paraseq.cells.newton``'s compiled
+sweeps where they serve (``_sweeps_newton``); False sends it through ``solve_recurrence``."""
 
 _SWEEP_CELLS = {"GRU": compiled._GRU, "RNN_TANH": compiled._ELMAN_TANH,
-                "RNN_RELU": compiled._ELMAN_RELU}
+                "RNN_RELU": compiled._ELMAN_RELU, "LSTM": compiled._LSTM}
 
 
 def _compiled_beats_torch(mode: str, B: int, H: int, training: bool) -> bool:
@@ -513,7 +514,7 @@ class _RNNBase(nn.Module):
                 if method == "compiled":
                     states = self._compiled_sequence(gi, h0, p)
                 elif fused:
-                    states, info = self._newton_sweeps(gi, h0[0], p)
+                    states, info = self._newton_sweeps(gi, h0, p)
                     self.last_solve_info.append(info)
                 else:
                     states, info = self._solve(self._cell(layer, d), gi,
@@ -544,17 +545,18 @@ class _RNNBase(nn.Module):
 
     def _sweeps_newton(self, x: Tensor) -> bool:
         """Whether method="newton" runs as the compiled Newton sweeps of
-        ``paraseq.cells.newton`` (GRU and tanh/relu RNN, CPU float32/float64, numba): the same
+        ``paraseq.cells.newton`` (GRU, tanh/relu RNN and LSTM without proj_size; CPU
+        float32/float64, numba): the same
         iteration as ``solve_recurrence``'s, matrix-free and fused into one pass per iteration
         (``NEWTON_SWEEPS = False`` turns it off)."""
         return (NEWTON_SWEEPS and not self._diagonal and self.mode in _SWEEP_CELLS
-                and newton.supported(x.transpose(0, 1)))
+                and not getattr(self, "proj_size", 0) and newton.supported(x.transpose(0, 1)))
 
     @torch.compiler.disable
-    def _newton_sweeps(self, gi: Tensor, h0: Tensor, p: dict[str, Tensor]):
-        """One layer and direction by ``paraseq.cells.newton``: (states (B, T, H), info), with
-        the modules' tolerances (tol=None: accepted at ``DEFAULT_TOL``, refined towards
-        ``FLOOR_TOL``) and ``on_failure``."""
+    def _newton_sweeps(self, gi: Tensor, h0: tuple[Tensor, ...], p: dict[str, Tensor]):
+        """One layer and direction by ``paraseq.cells.newton``: (states (B, T, H), or the LSTM's
+        (h, c), info), with the modules' tolerances (tol=None: accepted at ``DEFAULT_TOL``,
+        refined towards ``FLOOR_TOL``) and ``on_failure``."""
         T = gi.shape[1]
         if self.tol is None:
             accept, target = DEFAULT_TOL[gi.dtype], FLOOR_TOL[gi.dtype]
@@ -564,10 +566,12 @@ class _RNNBase(nn.Module):
             min(DEFAULT_MAX_ITER["newton"], T) + _REFINE_MAX_ITER
         b = p.get("bias_hh")
         w = p["weight_hh"]
-        return newton.newton_sequence(_SWEEP_CELLS[self.mode], gi, h0.to(gi.dtype), w,
+        lstm = self.mode == "LSTM"
+        return newton.newton_sequence(_SWEEP_CELLS[self.mode], gi, h0[0].to(gi.dtype), w,
                                       w.new_zeros(w.shape[0]) if b is None else b,
                                       target=target, accept=accept, max_iter=cap,
-                                      on_failure=self.on_failure)
+                                      on_failure=self.on_failure,
+                                      c0=h0[1].to(gi.dtype) if lstm else None)
 
     @torch.compiler.disable
     def _solve(self, cell, gi: Tensor, h0, method: str) -> tuple[object, SolveInfo]:
