@@ -570,6 +570,50 @@ def _lstm_b(i, f, g, o, tc, cp, dm, dc):
             dm * tc * o * (1.0 - o), dct * f)
 
 
+def _res(v, f):
+    """|v - f| / (1 + |f|), lane by lane, with nan read as inf (it never passes a tolerance)."""
+    d = v - f
+    return _vnan_to(_vmax(d, -d) / (1.0 + _vmax(f, -f)), np.inf)
+
+
+def _gru_newton(xr, xz, xn, yr, yz, yn, ur, uz, un, hp, hq):
+    """One unit of a GRU Newton sweep (``paraseq.cells.newton``): x the input pre-activations,
+    y = W_hh h + b_hh at the current iterate h (hp = h_{t-1}), u the same at the new one
+    (hq = h'_{t-1}). -> (f(h_{t-1}), f + J (hq - hp) (the new h_t, unsanitised),
+    f(h'_{t-1}))."""
+    r = _vsigmoid(xr + yr)
+    z = _vsigmoid(xz + yz)
+    nv = _vtanh(xn + r * yn)
+    f = nv + z * (hp - nv)
+    a = (1.0 - z) * (1.0 - nv * nv) * r
+    jd = (z * (hq - hp) + a * ((un - yn) + yn * (1.0 - r) * (ur - yr))
+          + (hp - nv) * z * (1.0 - z) * (uz - yz))
+    return f, f + jd, _gru_f(xr, xz, xn, ur, uz, un, hq)
+
+
+def _elman_newton(relu, x, y, u):
+    """``_gru_newton`` for the Elman cell."""
+    f = _elman_f(relu, x, y)
+    if relu:
+        jd = _vstep(x + y) * (u - y)
+    else:
+        jd = (1.0 - f * f) * (u - y)
+    return f, f + jd, _elman_f(relu, x, u)
+
+
+def _lstm_newton(xi, xf, xg, xo, yi, yf, yg, yo, ui, uf, ug, uo, cp, cq):
+    """``_gru_newton`` for the LSTM, state (h, c) (the h parts enter through y and u). ->
+    (f_h, f_c at the current iterate, the new h_t and c_t (unsanitised), f_h, f_c at the new
+    one)."""
+    ig, fg, gg, og, fc, tc = _lstm_f(xi, xf, xg, xo, yi, yf, yg, yo, cp)
+    fh = og * tc
+    dc = (fg * (cq - cp) + cp * fg * (1.0 - fg) * (uf - yf)
+          + gg * ig * (1.0 - ig) * (ui - yi) + ig * (1.0 - gg * gg) * (ug - yg))
+    dh = og * (1.0 - og) * (uo - yo) * tc + og * (1.0 - tc * tc) * dc
+    n2 = _lstm_f(xi, xf, xg, xo, ui, uf, ug, uo, cq)
+    return fh, fc, fh + dh, fc + dc, n2[3] * n2[5], n2[4]
+
+
 def _lanes_fwd(cell, gi, gs, h0, c0, w, wd, bh, diag, whr, oh, ohs, oc, ocs, T, H, P, lo, hi,
                vw):
     """Rows [lo, hi) of the batch, W at a time in lockstep. h0 (B, P), c0 (B, H) row-major;
@@ -1243,27 +1287,12 @@ def _lanes_newton(cell, gi, gs, h0, c0, w, bh, hb, hs, cb, cs, gb, gss, start, f
                     uf = _vload(gn, go + (H + i) * W, vw)
                     ug = _vload(gn, go + (2 * H + i) * W, vw)
                     uo = _vload(gn, go + (3 * H + i) * W, vw)
-                    ga = _lstm_f(xi, xf, xg, xo, yi, yf, yg, yo, cp)
-                    ig, fg, gg, og, fc, tc = ga[0], ga[1], ga[2], ga[3], ga[4], ga[5]
-                    fh = og * tc
-                    dc = (fg * (cq - cp) + cp * fg * (one - fg) * (uf - yf)
-                          + gg * ig * (one - ig) * (ui - yi) + ig * (one - gg * gg) * (ug - yg))
-                    dh = og * (one - og) * (uo - yo) * tc + og * (one - tc * tc) * dc
-                    h = _clip(_vnan_to(fh + dh, 0.0), _NEWTON_CLIP)
-                    c = _clip(_vnan_to(fc + dc, 0.0), _NEWTON_CLIP)
-                    gb2 = _lstm_f(xi, xf, xg, xo, ui, uf, ug, uo, cq)
-                    f2h = gb2[3] * gb2[5]
-                    f2c = gb2[4]
-                    d = h - f2h
-                    e = c - f2c
-                    res = _vmax(_vmax(d, -d) / (one + _vmax(f2h, -f2h)),
-                                _vmax(e, -e) / (one + _vmax(f2c, -f2c)))
-                    rm = _vmax(rm, _vnan_to(res, np.inf))
-                    d0 = old - fh
-                    e0 = oldc - fc
-                    r0 = _vmax(_vmax(d0, -d0) / (one + _vmax(fh, -fh)),
-                               _vmax(e0, -e0) / (one + _vmax(fc, -fc)))
-                    om = _vmax(om, _vnan_to(r0, np.inf))
+                    fh, fc, hr, cr, f2h, f2c = _lstm_newton(xi, xf, xg, xo, yi, yf, yg, yo, ui,
+                                                            uf, ug, uo, cp, cq)
+                    h = _clip(_vnan_to(hr, 0.0), _NEWTON_CLIP)
+                    c = _clip(_vnan_to(cr, 0.0), _NEWTON_CLIP)
+                    rm = _vmax(rm, _vmax(_res(h, f2h), _res(c, f2c)))
+                    om = _vmax(om, _vmax(_res(old, fh), _res(oldc, fc)))
                     _vstore(hop, ho + i * W, old)
                     _vstore(hnp, ho + i * W, h)
                     _vstore(cop, ho + i * W, oldc)
@@ -1281,30 +1310,14 @@ def _lanes_newton(cell, gi, gs, h0, c0, w, bh, hb, hs, cb, cs, gb, gss, start, f
                     ur = _vload(gn, go + i * W, vw)
                     uz = _vload(gn, go + (H + i) * W, vw)
                     un = _vload(gn, go + (2 * H + i) * W, vw)
-                    r = _vsigmoid(xr + yr)
-                    z = _vsigmoid(xz + yz)
-                    nv = _vtanh(xn + r * yn)
-                    f = nv + z * (hp - nv)
-                    a = (one - z) * (one - nv * nv) * r
-                    jd = (z * (hq - hp) + a * ((un - yn) + yn * (one - r) * (ur - yr))
-                          + (hp - nv) * z * (one - z) * (uz - yz))
-                    f2 = _gru_f(xr, xz, xn, ur, uz, un, hq)
+                    f, hr, f2 = _gru_newton(xr, xz, xn, yr, yz, yn, ur, uz, un, hp, hq)
                 else:
-                    x = _ld(gi, x0 + i * sj, sb, n, vw)
-                    y = _ld(gb, q0 + i * gj, gb_, n, vw)
-                    u = _vload(gn, go + i * W, vw)
-                    f = _elman_f(relu, x, y)
-                    if relu:
-                        jd = _vstep(x + y) * (u - y)
-                    else:
-                        jd = (one - f * f) * (u - y)
-                    f2 = _elman_f(relu, x, u)
-                h = _clip(_vnan_to(f + jd, 0.0), _NEWTON_CLIP)
-                d = h - f2
-                res = _vmax(d, -d) / (one + _vmax(f2, -f2))
-                rm = _vmax(rm, _vnan_to(res, np.inf))
-                d0 = old - f
-                om = _vmax(om, _vnan_to(_vmax(d0, -d0) / (one + _vmax(f, -f)), np.inf))
+                    f, hr, f2 = _elman_newton(relu, _ld(gi, x0 + i * sj, sb, n, vw),
+                                              _ld(gb, q0 + i * gj, gb_, n, vw),
+                                              _vload(gn, go + i * W, vw))
+                h = _clip(_vnan_to(hr, 0.0), _NEWTON_CLIP)
+                rm = _vmax(rm, _res(h, f2))
+                om = _vmax(om, _res(old, f))
                 _vstore(hop, ho + i * W, old)
                 _vstore(hnp, ho + i * W, h)
                 _st(hb, h_0 + i * hj, hb_, n, h, vw)
@@ -1394,7 +1407,6 @@ def _rows_newton(cell, gi, gs, h0, c0, wT, bh, hb, hs, cb, cs, gb, gss, start, f
     hb_, ht = hs
     gb_, gt = gss
     cb_, ct = cs
-    one = _vfull(1.0, gn, vw)
     zero = _vfull(0.0, gn, vw)
     for b in range(lo, hi):
         s = start[b]
@@ -1456,27 +1468,12 @@ def _rows_newton(cell, gi, gs, h0, c0, wT, bh, hb, hs, cb, cs, gb, gss, start, f
                     uf = _vload(gn, Hp + i0, vw)
                     ug = _vload(gn, 2 * Hp + i0, vw)
                     uo = _vload(gn, 3 * Hp + i0, vw)
-                    ga = _lstm_f(xi, xf, xg, xo, yi, yf, yg, yo, cp)
-                    ig, fg, gg, og, fc, tc = ga[0], ga[1], ga[2], ga[3], ga[4], ga[5]
-                    fh = og * tc
-                    dc = (fg * (cq - cp) + cp * fg * (one - fg) * (uf - yf)
-                          + gg * ig * (one - ig) * (ui - yi) + ig * (one - gg * gg) * (ug - yg))
-                    dh = og * (one - og) * (uo - yo) * tc + og * (one - tc * tc) * dc
-                    h = _clip(_vnan_to(fh + dh, 0.0), _NEWTON_CLIP)
-                    c = _clip(_vnan_to(fc + dc, 0.0), _NEWTON_CLIP)
-                    gb2 = _lstm_f(xi, xf, xg, xo, ui, uf, ug, uo, cq)
-                    f2h = gb2[3] * gb2[5]
-                    f2c = gb2[4]
-                    d = h - f2h
-                    e = c - f2c
-                    res = _vmax(_vmax(d, -d) / (one + _vmax(f2h, -f2h)),
-                                _vmax(e, -e) / (one + _vmax(f2c, -f2c)))
-                    rm = _vmax(rm, _vnan_to(res, np.inf))
-                    d0 = old - fh
-                    e0 = oldc - fc
-                    r0 = _vmax(_vmax(d0, -d0) / (one + _vmax(fh, -fh)),
-                               _vmax(e0, -e0) / (one + _vmax(fc, -fc)))
-                    orm = _vmax(orm, _vnan_to(r0, np.inf))
+                    fh, fc, hr, cr, f2h, f2c = _lstm_newton(xi, xf, xg, xo, yi, yf, yg, yo, ui,
+                                                            uf, ug, uo, cp, cq)
+                    h = _clip(_vnan_to(hr, 0.0), _NEWTON_CLIP)
+                    c = _clip(_vnan_to(cr, 0.0), _NEWTON_CLIP)
+                    rm = _vmax(rm, _vmax(_res(h, f2h), _res(c, f2c)))
+                    orm = _vmax(orm, _vmax(_res(old, fh), _res(oldc, fc)))
                     _vstore(hop, i0, old)
                     _vstore(hnp, i0, h)
                     _vstore(cop, i0, oldc)
@@ -1496,31 +1493,13 @@ def _rows_newton(cell, gi, gs, h0, c0, wT, bh, hb, hs, cb, cs, gb, gss, start, f
                     ur = _vload(gn, i0, vw)
                     uz = _vload(gn, Hp + i0, vw)
                     un = _vload(gn, 2 * Hp + i0, vw)
-                    r = _vsigmoid(xr + yr)
-                    z = _vsigmoid(xz + yz)
-                    nv = _vtanh(xn + r * yn)
-                    f = nv + z * (hp - nv)
-                    a = (one - z) * (one - nv * nv) * r
-                    jd = (z * (hq - hp) + a * ((un - yn) + yn * (one - r) * (ur - yr))
-                          + (hp - nv) * z * (one - z) * (uz - yz))
-                    f2 = _gru_f(xr, xz, xn, ur, uz, un, hq)
+                    f, hr, f2 = _gru_newton(xr, xz, xn, yr, yz, yn, ur, uz, un, hp, hq)
                 else:
-                    x = _ld(gi, x0 + i0 * sj, sj, n, vw)
-                    y = _vload(gb, q0 + i0, vw)
-                    u = _vload(gn, i0, vw)
-                    f = _elman_f(relu, x, y)
-                    if relu:
-                        jd = _vstep(x + y) * (u - y)
-                    else:
-                        jd = (one - f * f) * (u - y)
-                    f2 = _elman_f(relu, x, u)
-                h = _clip(_vnan_to(f + jd, 0.0), _NEWTON_CLIP)
-                d = h - f2
-                res = _vmax(d, -d) / (one + _vmax(f2, -f2))
-                rm = _vmax(rm, _vnan_to(res, np.inf))
-                d0 = old - f
-                orm = _vmax(orm, _vnan_to(_vmax(d0, -d0) / (one + _vmax(f, -f)),
-                                              np.inf))
+                    f, hr, f2 = _elman_newton(relu, _ld(gi, x0 + i0 * sj, sj, n, vw),
+                                              _vload(gb, q0 + i0, vw), _vload(gn, i0, vw))
+                h = _clip(_vnan_to(hr, 0.0), _NEWTON_CLIP)
+                rm = _vmax(rm, _res(h, f2))
+                orm = _vmax(orm, _res(old, f))
                 _vstore(hop, i0, old)
                 _vstore(hnp, i0, h)
                 _vstore(hb, h_0 + i0, h)
@@ -1576,7 +1555,7 @@ def _rows_newton(cell, gi, gs, h0, c0, wT, bh, hb, hs, cb, cs, gb, gss, start, f
 _NGATES_T = (1, 1, 3, 4)  # _NGATES as a tuple the kernels index (a compile-time constant)
 
 _VEC_HELPERS = ("_tanh_from_expm1", "_gru_f", "_gru_b", "_elman_f", "_elman_b", "_lstm_f",
-                "_lstm_b")
+                "_lstm_b", "_res", "_gru_newton", "_elman_newton", "_lstm_newton")
 _ENTRY = ("_lanes_fwd", "_lanes_bwd", "_rows_fwd", "_rows_bwd", "_lanes_newton", "_rows_newton")
 
 
