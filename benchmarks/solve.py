@@ -17,8 +17,10 @@ run and is shown as "skip".
 --jacobian analytic | autograd | both: the cell is instead paraseq.cells.GRUCell with the same
 weights, and newton and quasi_newton run with ``jacobian=`` each source asked for: the cells'
 closed-form Jacobians against the generic ones (torch.func: D vector-Jacobian products per row
-for newton, the diagonal of those for quasi_newton) on the same cell. The default ("auto")
-keeps torch.nn.GRUCell, which has no analytic Jacobian, so autograd.
+for newton, the diagonal of those for quasi_newton) on the same cell, all in solve_recurrence's
+general loop (``paraseq.solve.api.COMPILED_CELLS = False``: paraseq's cells would otherwise take
+the compiled loop and Newton sweeps). The default ("auto") keeps torch.nn.GRUCell, which has
+no analytic Jacobian, so autograd.
 """
 
 from __future__ import annotations
@@ -156,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     cols = columns(args.jacobian)
     labels = [c[0] for c in cols]
     analytic = args.jacobian != "auto"
+    if analytic:  # compare the Jacobian sources inside the general loop, not the kernels
+        # that paraseq's own cells would otherwise take (compiled loop / Newton sweeps)
+        import paraseq.solve.api
+
+        paraseq.solve.api.COMPILED_CELLS = False
     load = ", load average " + " ".join(f"{v:.1f}" for v in os.getloadavg()) \
         if hasattr(os, "getloadavg") else ""
     print(f"# paraseq benchmarks/solve.py on {cpu_name()}, torch {torch.__version__}, "

@@ -531,8 +531,12 @@ def test_bad_input():
                             "jacobi"}
 
 
-def test_cells_declaring_a_diagonal_jacobian_get_quasi_newton_and_a_diagonal_adjoint():
+def test_cells_declaring_a_diagonal_jacobian_get_quasi_newton_and_a_diagonal_adjoint(
+        monkeypatch):
     from paraseq.cells import DiagGRUCell
+    from paraseq.solve import api
+
+    monkeypatch.setattr(api, "COMPILED_CELLS", False)  # the general loop, not the kernels
 
     torch.manual_seed(0)
     cell = DiagGRUCell(3, 5).double()
@@ -553,8 +557,11 @@ def test_cells_declaring_a_diagonal_jacobian_get_quasi_newton_and_a_diagonal_adj
 
 @pytest.mark.parametrize("method", ["auto", "newton", "damped_newton"])
 @pytest.mark.parametrize("grad", ["implicit", "unrolled"])
-def test_block_diagonal_jacobians_solve_and_differentiate_exactly(method, grad):
+def test_block_diagonal_jacobians_solve_and_differentiate_exactly(method, grad, monkeypatch):
     from paraseq.cells import DiagLSTMCell
+    from paraseq.solve import api
+
+    monkeypatch.setattr(api, "COMPILED_CELLS", False)  # the general loop, not the kernels
 
     torch.manual_seed(1)
     cell = DiagLSTMCell(3, 4).double()
@@ -587,3 +594,78 @@ def test_blocks_to_dense_places_each_block_on_its_entries():
             for r in range(2):
                 want[:, s * 3 + g, r * 3 + g] = Jb[:, g, s, r]
     assert torch.equal(J, want)
+
+
+# ----------------------------------------------------------------------------- paraseq's cells
+
+
+@pytest.mark.parametrize("kind", ["elman_tanh", "elman_relu", "gru", "lstm", "diag_gru",
+                                  "diag_lstm"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_paraseqs_own_cells_take_the_compiled_kernels(kind, dtype):
+    """paraseq.cells' cells on CPU: "sequential" and "auto" run the compiled loop, "newton"
+    (dense cells) the compiled sweeps; every route gives the general loop's states and
+    gradients, with leading batch dims, h0 and bias=False."""
+    from paraseq.cells import DiagGRUCell, DiagLSTMCell, ElmanCell, GRUCell, LSTMCell, compiled
+    from paraseq.solve import api
+
+    if not compiled.AVAILABLE:
+        pytest.skip("numba is not installed")
+    make = {"elman_tanh": lambda: ElmanCell(3, 5), "elman_relu": lambda: ElmanCell(
+        3, 5, nonlinearity="relu"), "gru": lambda: GRUCell(3, 5),
+        "lstm": lambda: LSTMCell(3, 5, bias=False), "diag_gru": lambda: DiagGRUCell(3, 5),
+        "diag_lstm": lambda: DiagLSTMCell(3, 5)}[kind]
+    torch.manual_seed(2)
+    cell = make().to(dtype)
+    x = torch.randn(2, 3, 120, 3, dtype=dtype, requires_grad=True)
+    lstm = kind.endswith("lstm")
+    h0 = 0.3 * torch.randn(2, 3, 5, dtype=dtype)
+    h0 = (h0, 0.3 * torch.randn(2, 3, 5, dtype=dtype)) if lstm else h0
+
+    def flat(out):
+        return torch.cat(out, -1) if lstm else out
+
+    ref = flat(paraseq.solve_recurrence(lambda a, b: cell(a, b), x, h0, method="sequential"))
+    w = torch.randn_like(ref)
+    params = [x, *cell.parameters()]
+    gref = torch.autograd.grad((w * ref).sum(), params)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for method in ("auto", "sequential", "newton"):
+        out, info = paraseq.solve_recurrence(cell, x, h0, method=method, tol=tol,
+                                             return_info=True)
+        swept = method == "newton" and not kind.startswith("diag")
+        assert info.method == ("newton" if method == "newton" else "sequential")
+        assert (info.jacobian == "analytic (compiled sweep)") == swept
+        assert info.converged and not info.fell_back
+        err = float((flat(out) - ref).detach().abs().max())
+        assert err <= (1e-9 if dtype == torch.float64 else 2e-5), (method, err)
+        g = torch.autograd.grad((w * flat(out)).sum(), params)
+        for a, b in zip(g, gref, strict=True):
+            assert float((a - b).abs().max()) <= (1e-8 if dtype == torch.float64 else 1e-3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "COMPILED_CELLS", False)
+        _, info = paraseq.solve_recurrence(cell, x, h0, method="newton", return_info=True)
+        assert info.jacobian in ("analytic", "autograd")
+
+
+def test_compiled_route_leaves_other_cases_to_the_general_loop():
+    """A subclass (it may change forward), grad="unrolled", an init, autograd Jacobians and
+    other methods keep the general loop."""
+    from paraseq.cells import GRUCell
+
+    class MyGRU(GRUCell):
+        pass
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 50, 3, dtype=torch.float64)
+    cell = GRUCell(3, 4).double()
+    sub = MyGRU(3, 4).double()
+    sub.load_state_dict(cell.state_dict())
+    for c, kw in ((sub, {"method": "newton"}), (cell, {"method": "newton", "grad": "unrolled"}),
+                  (cell, {"method": "newton", "jacobian": "autograd"}),
+                  (cell, {"method": "quasi_newton"}),
+                  (cell, {"method": "newton", "init": torch.zeros(2, 50, 4,
+                                                                   dtype=torch.float64)})):
+        _, info = paraseq.solve_recurrence(c, x, return_info=True, **kw)
+        assert info.jacobian != "analytic (compiled sweep)", kw
+        assert info.method == kw["method"]

@@ -6,6 +6,7 @@ D state size (summed over the tensors of a tuple state).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -171,6 +172,69 @@ def _state_parts(state: State, layout: StateLayout) -> tuple[Tensor, ...]:
     return tuple(state) if layout.is_tuple else (state,)  # type: ignore[arg-type]
 
 
+COMPILED_CELLS = True
+"""paraseq's own cells take the compiled kernels where they serve (see ``solve_recurrence``);
+False sends them through the general loop (their analytic Jacobians and the scans) too."""
+
+
+def _compiled_route(cell, method: str, name: str, X: Tensor, grad: str, init,
+                    jacobian: str) -> str | None:
+    """"loop" or "sweeps" where paraseq's own cells take the compiled kernels (see
+    ``solve_recurrence``), else None."""
+    from ..cells import compiled, modules
+
+    if not COMPILED_CELLS:
+        return None
+
+    kinds = {modules.ElmanCell: "elman", modules.GRUCell: "gru", modules.LSTMCell: "lstm",
+             modules.DiagGRUCell: "gru", modules.DiagLSTMCell: "lstm"}
+    if type(cell) not in kinds or grad != "implicit" or not compiled.supported(X) \
+            or X.shape[0] == 0:
+        return None
+    if any(p.dtype != X.dtype or p.device != X.device for p in cell.parameters()):
+        return None
+    if method in ("auto", "sequential"):
+        return "loop"
+    if (name == "newton" and init is None and jacobian in ("auto", "analytic")
+            and not getattr(cell, "_diagonal", False)):
+        return "sweeps"
+    return None
+
+
+def _run_compiled(cell, route: str, X: Tensor, h0: Tensor, layout: StateLayout, tol: float,
+                  max_iter: int | None, on_failure: str) -> tuple[Tensor, SolveInfo | None]:
+    """The compiled loop or Newton sweeps for one of paraseq's cells: (H (B, T, D), the
+    sweeps' SolveInfo or None for the loop)."""
+    from ..cells import compiled, modules, newton
+
+    T = X.shape[1]
+    Hs = cell.hidden_size
+    lstm = layout.is_tuple
+    gru = isinstance(cell, (modules.GRUCell, modules.DiagGRUCell))
+    gi = compiled.input_projection(X.transpose(0, 1), cell.weight_ih, cell.bias_ih, Hs)
+    w, b = cell.weight_hh, cell.bias_hh
+    h, c = (h0[:, :Hs], h0[:, Hs:]) if lstm else (h0, None)
+    if route == "sweeps":
+        if lstm or gru:
+            kind = compiled._LSTM if lstm else compiled._GRU
+        else:
+            kind = compiled._ELMAN_TANH if cell.nonlinearity == "tanh" else compiled._ELMAN_RELU
+        cap = min(T, max_iter if max_iter is not None else DEFAULT_MAX_ITER["newton"])
+        states, info = newton.newton_sequence(
+            kind, gi, h, w, w.new_zeros(w.shape[0]) if b is None else b, target=tol,
+            accept=tol, max_iter=cap, on_failure=on_failure, c0=c)
+    else:
+        info = None
+        if lstm:
+            states = compiled.lstm_sequence(gi, h, c, w, b)
+        elif gru:
+            states = compiled.gru_sequence(gi, h, w, b)
+        else:
+            states = compiled.elman_sequence(gi, h, w, b, cell.nonlinearity)
+    H = torch.cat(states, dim=-1) if lstm else states  # (B, T, D)
+    return H, info
+
+
 def _default_init(fc: FlatCell, X: Tensor, D: int, cell_dtype: torch.dtype) -> Tensor:
     """The default first guess, h_t = cell(x_t, 0) for every t (as ParaRNN): (B, T, D)."""
     B, T = X.shape[:2]
@@ -290,6 +354,17 @@ def solve_recurrence(
         states (..., T, D) (a tuple of (..., T, D_i) for tuple states), in the inputs' dtype;
         ``(states, info)`` with ``return_info``.
 
+    paraseq's own cells (``paraseq.cells``: ElmanCell, GRUCell, LSTMCell, DiagGRUCell,
+    DiagLSTMCell, exactly those types) on CPU float32/float64 tensors, with numba installed
+    and ``grad="implicit"``, take the compiled kernels of ``paraseq.cells.compiled``: the input
+    products of all T steps in one matmul, then ``method="sequential"`` runs the compiled loop
+    (and ``"auto"`` chooses it: on a CPU it matches or beats every parallel method), and
+    ``method="newton"`` (dense cells, no ``init``, analytic Jacobians) the compiled Newton
+    sweeps of ``paraseq.cells.newton`` (``info.jacobian`` "analytic (compiled sweep)") at this
+    function's ``tol``, ``max_iter`` and ``on_failure``; gradients by the compiled adjoint
+    sweep. Every other case takes the general loop below (all cases, with
+    ``paraseq.solve.api.COMPILED_CELLS = False``).
+
     Under torch.compile the solve runs eagerly (``torch.compiler.disable``; a graph break in
     a compiled caller): its loop stops on a data-dependent test on the host, which Dynamo would
     retrace for every iteration count.
@@ -335,6 +410,12 @@ def solve_recurrence(
 
     if T == 0:
         return done(h0_flat.new_zeros(B, 0, D))
+    route = _compiled_route(cell, method, name, X, grad, init, jacobian)
+    if route is not None:
+        H, routed = _run_compiled(cell, route, X, h0_flat, layout, tol, max_iter, on_failure)
+        info = routed if routed is not None else dataclasses.replace(
+            info, method="sequential", converged=True, residual=0.0)
+        return done(H)
     if m.structure == "loop":
         H = sequential(fc, X, h0_flat, cell_dtype)
         info.converged, info.residual = True, 0.0
