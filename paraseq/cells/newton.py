@@ -114,7 +114,8 @@ def _sweeps(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Ten
             cbuf.zero_()
             cv = cbuf[:, :, :H].transpose(0, 1)
     gif, gs = C._flat(gi)
-    empty = np.zeros(1, dtype=np.float32 if dt == torch.float32 else np.float64)
+    npdt = np.float32 if dt == torch.float32 else np.float64
+    empty = np.zeros(1, dtype=npdt)
     if lanes:
         hbf, hs = C._flat(hv)
         gbf, gss = C._flat(gv)
@@ -127,7 +128,6 @@ def _sweeps(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Ten
     c0f = C._vec(c0) if lstm else empty
     wts = C._Weights(cell, weight_hh, bias_hh, None, H, H, lanes, W)
     NG = -(-B // W) if lanes else B
-    npdt = np.float32 if dt == torch.float32 else np.float64
     start = np.zeros(NG, dtype=np.int64)
     first = np.zeros(NG, dtype=np.int64)
     pmax, smax, omax = (np.zeros(NG, dtype=npdt) for _ in range(3))
