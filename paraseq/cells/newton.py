@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..result import ConvergenceError, SolveInfo
 from . import compiled as C
 
 MAX_T = 1 << 24  # per-lane step counts are kept in the data's dtype: exact below 2^24 (float32)
@@ -204,8 +205,6 @@ class _NewtonSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cell, gi, h0, c0, weight_hh, bias_hh, opts):
         import warnings
-
-        from ..solve.api import ConvergenceError, SolveInfo
 
         target, accept, max_iter, on_failure, out = opts
         oh, oc, k, residuals, fail, out["starts"] = _sweeps(

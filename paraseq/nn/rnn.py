@@ -88,8 +88,9 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..cells import compiled, newton
+from ..result import SolveInfo
 from ..solve import solve_recurrence
-from ..solve.api import DEFAULT_MAX_ITER, ON_FAILURE, SolveInfo, choose_method
+from ..solve.api import DEFAULT_MAX_ITER, ON_FAILURE, choose_method
 from ..solve.cell import FlatCell, StateLayout
 from ..solve.methods import METHODS
 from ._gated import DiagLSTMGated, ElmanGated, GRUGated, LSTMGated, ProjLSTMGated

@@ -10,11 +10,11 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from ..result import ConvergenceError, SolveInfo
 from ..scan import linear_scan
 from .cell import FlatCell, State, StateLayout
 from .iterate import (
@@ -50,34 +50,6 @@ DEFAULT_MAX_ITER = {"newton": 50, "damped_newton": 100, "quasi_newton": 200, "pi
 """Default iteration caps (never more than T, which suffices for newton and jacobi)."""
 
 _RESTARTS = 3
-
-
-class ConvergenceError(RuntimeError):
-    """A parallel solve stopped before its residual was under tolerance (on_failure="raise")."""
-
-    def __init__(self, message: str, iterations: int, residual: float, info: SolveInfo):
-        super().__init__(message)
-        self.iterations = iterations
-        self.residual = residual
-        self.info = info
-
-
-@dataclass
-class SolveInfo:
-    """What a solve did. ``residuals`` holds the scaled residual before each linear solve and
-    after the last (so ``len(residuals) == iterations + 1`` for one uninterrupted solve)."""
-
-    method: str
-    iterations: int = 0
-    converged: bool = False
-    residual: float = math.nan
-    fell_back: bool = False
-    fallback_from: int | None = None
-    restarts: int = 0
-    jacobian: str | None = None
-    tol: float = math.nan
-    time_chunks: int = 1
-    residuals: list[float] = field(default_factory=list)
 
 
 _CPU_PARALLEL_WORK = {"autograd": 256, "analytic": 2048, "diagonal": 4096}
