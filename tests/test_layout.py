@@ -112,3 +112,29 @@ def test_unknown_attribute_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         paraseq.nope  # noqa: B018
+
+
+def test_compiled_kernels_modules_stay_small():
+    # the compiled loops were one 2,031-line file; the package's layout is the map now
+    sizes = {p.name: len(p.read_text().splitlines())
+             for p in (ROOT / "cells" / "compiled").glob("*.py")}
+    assert sizes and max(sizes.values()) <= 600, sizes
+
+
+def test_compiled_cache_stamp_covers_every_kernel_file():
+    """numba keys a cached function on a hash of its own file; the kernels inline code from
+    their siblings, so ``_build`` stamps them with a hash of every file they compile: a change
+    in cellmath.py must recompile lanes.py's kernels, not leave a stale build running."""
+    pytest.importorskip("numba")
+    from paraseq.cells import compiled
+
+    graph = _import_graph()
+    pkg = "paraseq.cells.compiled"
+    stamped = {m.__name__ for m in compiled._KERNEL_MODULES}
+    for mod in ("lanes", "rows"):
+        used = {m for m in graph[f"{pkg}.{mod}"] if m.startswith(pkg + ".")}
+        assert used <= stamped, f"{mod} compiles code from {used - stamped}, not in the stamp"
+    kernels = compiled._build()
+    stamp = compiled._source_stamp()
+    for name, k in kernels.items():
+        assert k._cache._cache_file._source_stamp == stamp, name
