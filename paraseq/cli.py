@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,17 +13,33 @@ import torch
 
 from ._version import __version__
 
+_BAR = None  # the open tqdm bar of _progress, if any
+
+
+def _plain_progress() -> bool:
+    """Plain lines instead of a bar: stderr is not a terminal (a log, a pipe) or CI=true."""
+    return os.environ.get("CI", "").lower() == "true" or not sys.stderr.isatty()
+
 
 def _progress(i: int, n: int, label: str) -> None:
-    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
-    width = 28
-    done = int(width * i / max(n, 1))
-    text = f"[{'#' * done}{'.' * (width - done)}] {i}/{n} {label}"
-    if sys.stderr.isatty():
-        end = "\n" if i == n else ""
-        print(f"\r{text:<78}", end=end, file=sys.stderr, flush=True)
-    else:  # a log: one line per item
-        print(text, file=sys.stderr, flush=True)
+    """Step i of n is ``label`` (i = n: done), on stderr: a tqdm bar on a terminal, one plain
+    line per step in a log or under CI=true (a bar's carriage returns garble both)."""
+    global _BAR
+    if _plain_progress():
+        print(f"[{i}/{n}] {label}", file=sys.stderr, flush=True)
+        return
+    if _BAR is None or i == 0 or _BAR.total != n or i < _BAR.n:
+        if _BAR is not None:
+            _BAR.close()
+        from tqdm import tqdm
+
+        _BAR = tqdm(total=n, file=sys.stderr, leave=True, dynamic_ncols=True,
+                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
+    _BAR.set_description_str(label, refresh=False)
+    _BAR.update(i - _BAR.n)
+    if i >= n:
+        _BAR.close()
+        _BAR = None
 
 
 def _scan_demo(args: argparse.Namespace, out_dir: Path) -> Path | None:

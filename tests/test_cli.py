@@ -62,3 +62,34 @@ def test_bench_small_grid_writes_table_csv_and_plot(tmp_path, capsys):
 def test_bench_rejects_bad_grid(capsys):
     assert main(["bench", "--hidden", "0", "--no-plot"]) == 2
     assert "--hidden must be >= 1" in capsys.readouterr().err
+
+
+def test_progress_is_plain_lines_in_a_log_and_under_ci(monkeypatch, capsys):
+    from paraseq import cli
+
+    monkeypatch.setenv("CI", "true")
+    for i in range(3):
+        cli._progress(i, 2, f"step {i}")
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["[0/2] step 0", "[1/2] step 1", "[2/2] step 2"]
+    assert "\r" not in err
+
+
+def test_progress_is_a_tqdm_bar_on_a_terminal(monkeypatch):
+    pytest.importorskip("tqdm")
+    import io
+
+    from paraseq import cli
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Tty()
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys, "stderr", term)
+    for i in range(3):
+        cli._progress(i, 2, f"step {i}")
+    text = term.getvalue()
+    assert "\r" in text and "2/2" in text and "step 2" in text
+    assert cli._BAR is None  # closed at i == n
