@@ -114,35 +114,67 @@ def _scan_demo(args: argparse.Namespace, out_dir: Path) -> Path | None:
 
 def _solve_demo(args: argparse.Namespace, out_dir: Path) -> Path | None:
     from .bench import format_table, time_call
+    from .nn import GRU
     from .solve import METHODS, solve_recurrence
 
     torch.manual_seed(args.seed)
     B, D, T = args.gru_batch, 8, args.gru_length
     cell = torch.nn.GRUCell(D, D)
     x = torch.randn(B, T, D)  # (B, T, n)
-    print(f"\nsolve_recurrence: torch.nn.GRUCell(8, 8), float32, batch {B}, T {T:,}: "
-          f"the sequential loop against each parallel method\n")
+    # what a user would otherwise run, with the cell's weights: torch's fused kernel, and
+    # paraseq's own drop-in module (method "auto": on a CPU its compiled loop)
+    baselines = {"torch.nn.GRU": torch.nn.GRU(D, D, batch_first=True),
+                 "paraseq.nn.GRU": GRU(D, D, batch_first=True)}
+    for m in baselines.values():
+        for ours, theirs in (("weight_ih_l0", "weight_ih"), ("weight_hh_l0", "weight_hh"),
+                             ("bias_ih_l0", "bias_ih"), ("bias_hh_l0", "bias_hh")):
+            getattr(m, ours).data.copy_(getattr(cell, theirs).data)
+    print(f"\nsolve_recurrence: torch.nn.GRUCell(8, 8), float32, batch {B}, T {T:,}: each "
+          f"method against the Python loop over the cell, torch.nn.GRU (torch's fused kernel) "
+          f"and paraseq.nn.GRU (paraseq's compiled loop), same weights\n")
     names = [*METHODS]
+    steps = len(names) + len(baselines)
     results = {}
+    base_times = {}
     with torch.no_grad():
-        for i, name in enumerate(names):
-            _progress(i, len(names), name)
+        for i, (label, m) in enumerate(baselines.items()):
+            _progress(i, steps, label)
+            base_times[label] = time_call(lambda m=m: m(x), repeats=3, warmup=1).median
+        for i, name in enumerate(names, start=len(baselines)):
+            _progress(i, steps, name)
             reps = 1 if name == "sequential" else 3
             timing = time_call(lambda n=name: solve_recurrence(cell, x, method=n),
                                repeats=reps, warmup=0 if name == "sequential" else 1)
             h, info = solve_recurrence(cell, x, method=name, return_info=True)
             results[name] = (timing.median, h, info)
-        _progress(len(names), len(names), "done")
+        _progress(steps, steps, "done")
+        nn_path = baselines["paraseq.nn.GRU"].last_path
     ref = results["sequential"][1]
     t_seq = results["sequential"][0]
-    rows = []
+    t_torch, t_ours = base_times["torch.nn.GRU"], base_times["paraseq.nn.GRU"]
+    rows = [["torch.nn.GRU", "", "", "", f"{t_torch * 1e3:.1f}", f"{t_seq / t_torch:.2f}x",
+             "1.00x", f"{t_ours / t_torch:.2f}x", ""],
+            [f"paraseq.nn.GRU ({nn_path})", "", "", "", f"{t_ours * 1e3:.1f}",
+             f"{t_seq / t_ours:.2f}x", f"{t_torch / t_ours:.2f}x", "1.00x", ""]]
     for name in names:
         t, h, info = results[name]
         note = f"fell back at t={info.fallback_from}" if info.fell_back else ""
         rows.append([name, info.iterations, f"{(h - ref).abs().max().item():.1e}",
-                     f"{info.residual:.1e}", f"{t * 1e3:.0f}", f"{t_seq / t:.2f}x", note])
+                     f"{info.residual:.1e}", f"{t * 1e3:.1f}", f"{t_seq / t:.2f}x",
+                     f"{t_torch / t:.2f}x", f"{t_ours / t:.2f}x", note])
     print(format_table(["method", "iterations", "max |h - loop|", "residual", "time (ms)",
-                        "speedup", ""], rows))
+                        "x loop", "x torch.nn.GRU", "x compiled loop", ""], rows))
+    with torch.no_grad():
+        auto = solve_recurrence(cell, x, method="auto", return_info=True)[1]
+    print(f"\nauto ran {auto.method!r} on this generic cell (paraseq.solve.choose_method: "
+          + (f"T = {T:,} <= 64 or B D^2 = {B * D * D} over the CPU bound for its Jacobian: "
+             f"the loop is cheaper" if auto.method == "sequential" else
+             f"T = {T:,} > 64, and on a CPU the parallel path pays while B D^2 = {B * D * D} "
+             f"stays under the bound for its Jacobian, {auto.jacobian}") +
+          f"). paraseq.nn.GRU's auto "
+          f"ran its {nn_path}: on a CPU a compiled loop runs at arithmetic speed, so it is "
+          f"the bar a parallel method must beat there (the parallel methods pay on wide "
+          f"devices and for cells without a compiled loop).")
     if args.no_plot:
         return None
     plt = _pyplot()
