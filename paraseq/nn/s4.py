@@ -205,7 +205,8 @@ class S4(_SSMLayer):
             raised to -``real_floor`` (legt, lagt and fourier have Re Lambda = 0), keeping
             every mode strictly stable.
         method: ``"bilinear"`` (default, S4's), ``"backward_euler"`` or ``"euler"``.
-        dt_min, dt_max: log-uniform range of the initial steps.
+        dt_min: lower end of the log-uniform range of the initial steps.
+        dt_max: upper end of that range.
         bidirectional: add a second kernel that reads the future (no recurrent mode then).
         transposed: inputs are (B, H, L) instead of (B, L, H).
         wide_kernel: compute the kernel (Cauchy sums and Woodbury) in complex128 whatever
@@ -338,7 +339,10 @@ class S4D(_SSMLayer):
         init: ``"lin"`` (S4D-Lin, default), ``"inv"`` (S4D-Inv) or ``"legs"`` (S4D-LegS); see
             ``s4d_init``.
         method: discretisation, ``"zoh"`` (default) or any of ``paraseq.ssm.METHODS``.
-        dt_min, dt_max, bidirectional, transposed: as for ``S4``.
+        dt_min: as for ``S4``.
+        dt_max: as for ``S4``.
+        bidirectional: as for ``S4``.
+        transposed: as for ``S4``.
     """
 
     def __init__(self, d_model: int, d_state: int = 64, *, init: str = "lin",

@@ -124,7 +124,8 @@ def cauchy(v: Tensor, alpha: Tensor, beta: Tensor, lam: Tensor) -> Tensor:
 
     Args:
         v: (..., J, M) numerators (J vectors at once).
-        alpha, beta: (..., Z) node coefficients.
+        alpha: (..., Z) node coefficients.
+        beta: (..., Z) node coefficients.
         lam: (..., M) poles.
 
     Returns:
@@ -424,7 +425,8 @@ def ssm_scan(Ab: Tensor, Bb: Tensor, C: Tensor, u: Tensor, x0: Tensor | None = N
     Args:
         Ab: (..., N, N) dense or (..., N) diagonal (complex for S4D); dense when it has one
             more dim than Bb.
-        Bb, C: (..., N).
+        Bb: (..., N).
+        C: (..., N).
         u: (..., L) real input, its leading dims broadcasting with the others'.
         x0: (..., N) initial state or None (zeros).
         conj: the (diagonal, complex) state holds one of each conjugate pair; y = 2 Re(C x).
