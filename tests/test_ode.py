@@ -481,8 +481,8 @@ def test_bad_input():
         odeint(lambda s, y: 1.0, y0, t)
     with pytest.raises(TypeError, match="keep y's dtype"):
         odeint(lambda s, y: y.float(), y0, t)
-    with pytest.raises(ValueError, match="Invalid method \"rk45\". Must be one of "
-                                         "'backward_euler'"):
+    with pytest.raises(ValueError, match=r"Invalid method \"rk45\"\. Must be one of "
+                                         r"'backward_euler'"):
         odeint(f, y0, t, method="rk45")
     with pytest.raises(ValueError, match="unknown solver 'jacobi'; valid: 'newton'"):
         odeint(f, y0, t, solver="jacobi")

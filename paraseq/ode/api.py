@@ -598,8 +598,9 @@ def _solve_on(name: str, cell, y: Tensor, grid: Tensor, solver: str, tol: float,
     if not info.converged:
         bad = int(torch.nonzero(~(per_step <= tol))[0])
         g = grid.detach()
+        word = "scheme" if method in SCHEMES else "method"
         msg = (f"{name}: step {bad} (t = {float(g[bad]):.6g} -> {float(g[bad + 1]):.6g}) "
-               f"does not satisfy the {method} {'scheme' if method in SCHEMES else 'method'}: residual {float(per_step[bad]):.3e} > "
+               f"does not satisfy the {method} {word}: residual {float(per_step[bad]):.3e} > "
                f"tol {tol:.1e}, after solver={solver!r}")
         if on_failure == "warn":
             warnings.warn(msg + "; returning the last iterate", RuntimeWarning, stacklevel=4)
@@ -724,7 +725,7 @@ def _adaptive(name: str, cell: ExplicitStep, y: Tensor, t: Tensor, f0: Tensor, *
     starts = torch.cumsum(n, 0) - n
     frac = (torch.arange(int(n.sum())) - starts[seg]).double() / n[seg].double()  # (S,)
     extra = [float(v) for key in ("step_t", "jump_t") if opts.get(key) is not None
-             for v in torch.as_tensor(opts[key]).reshape(-1).tolist()]
+             for v in torch.as_tensor(opts[key], dtype=torch.float64).reshape(-1).tolist()]
     if extra:  # times the grid must contain (inside t's span)
         lo, hi = sorted((float(td[0]), float(td[-1])))
         for v in extra:
