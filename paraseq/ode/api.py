@@ -85,7 +85,11 @@ MAX_ROUNDS = 40
 MAX_SPLIT = 16
 """The most pieces one step is split into in one round (a step whose error is not finite)."""
 
-MERGE, MERGE_ROUNDS = 4, 2
+GROWTH = 10.0
+"""The first grid's spacing over the initial step estimate (``_initial_step`` aims well inside
+the tolerance, and a stepper grows its step from there by up to 10x a step)."""
+
+MERGE, MERGE_ROUNDS = 4, 3
 """In the first MERGE_ROUNDS rounds that refine, steps far within the tolerance are also
 merged, up to MERGE of them into one (a first grid finer than needed)."""
 
@@ -716,7 +720,7 @@ def _adaptive(name: str, cell: ExplicitStep, y: Tensor, t: Tensor, f0: Tensor, *
     max_rounds = opts.get("max_rounds", MAX_ROUNDS)
     max_steps = opts.get("max_num_steps") or 2 ** 31 - 1
     first = opts.get("first_step")
-    h0 = float(first) if first is not None else _initial_step(
+    h0 = float(first) if first is not None else GROWTH * _initial_step(
         cell.field, t[0], y, f0, tab.order, rtol, atol, state)
     n = torch.ceil(dt.abs().double() / h0).clamp(min=1).long()  # (T-1,) pieces per segment
     if int(n.sum()) > max_steps:
@@ -782,8 +786,8 @@ def _adaptive(name: str, cell: ExplicitStep, y: Tensor, t: Tensor, f0: Tensor, *
         bad_c = bad.cpu()
         lo = 1.0 / MERGE if r <= MERGE_ROUNDS else 1.0
         want = torch.where(bad_c, want.clamp(2, MAX_SPLIT), want.clamp(lo, 1.0))
-        if nf.numel():
-            want[int(nf[0]) + 1:] = 1.0
+        if nf.numel():  # after a blow-up nothing is known: split as at the blow-up
+            want[int(nf[0]) + 1:] = float(MAX_SPLIT)
         seg, frac = _remesh(seg, frac, want, T - 1)
         prev_grid, prev_Y = grid.detach(), Yall.detach()
     raise ConvergenceError(
