@@ -311,8 +311,12 @@ def test_adaptive_parallel_equals_sequential_and_reverse_time():
 def test_adaptive_step_t_and_max_num_steps():
     y0 = torch.tensor([1.0, 0.5], dtype=F64)
     t = torch.tensor([0.0, 1.0], dtype=F64)
-    _, info = odeint(linear, y0, t, options={"step_t": [0.123]}, return_info=True)
-    assert float((info.grid - 0.123).abs().min()) < 1e-15
+    for tol in (1e-7, 1e-11):  # the second refines over several rounds: the point stays
+        y, info = odeint(linear, y0, t, rtol=tol, atol=tol, options={"step_t": [0.123]},
+                         return_info=True)
+        assert float((info.grid - 0.123).abs().min()) < 1e-15 and y.shape == (2, 2)
+        torch.testing.assert_close(y, linear_exact(y0, t), rtol=0, atol=1e3 * tol)
+    assert info.rounds >= 2
     with pytest.raises(RuntimeError, match="max_num_steps exceeded"):
         odeint(linear, y0, t, rtol=1e-12, atol=1e-12, method="adaptive_heun",
                options={"max_num_steps": 50})

@@ -713,8 +713,20 @@ def _adaptive(name: str, cell: ExplicitStep, y: Tensor, t: Tensor, f0: Tensor, *
     trusted). Steps only split, never merge: the initial spacing comes from
     ``_initial_step``."""
     tab = cell.tab
-    T = t.shape[0]
     td = t.detach()
+    is_out = torch.ones(t.shape[0], dtype=torch.bool)  # which knots are output times
+    extra = [float(v) for key in ("step_t", "jump_t") if opts.get(key) is not None
+             for v in torch.as_tensor(opts[key], dtype=torch.float64).reshape(-1).tolist()]
+    lo, hi = sorted((float(td[0]), float(td[-1])))
+    extra = sorted({v for v in extra if lo < v < hi} - set(td.tolist()))
+    if extra:  # times the grid must contain: knots like t's (never moved by a remesh)
+        sign = 1.0 if float(td[-1] - td[0]) > 0 else -1.0
+        knots = torch.cat([t, torch.tensor(extra, dtype=t.dtype, device=t.device)])
+        order = torch.argsort(sign * knots.detach())
+        t = knots[order]  # differentiable in the output times
+        is_out = torch.cat([is_out, torch.zeros(len(extra), dtype=torch.bool)])[order.cpu()]
+        td = t.detach()
+    T = t.shape[0]
     dt = td[1:] - td[:-1]  # (T-1,)
     safety = float(opts.get("safety", 0.9))
     max_rounds = opts.get("max_rounds", MAX_ROUNDS)
@@ -728,25 +740,6 @@ def _adaptive(name: str, cell: ExplicitStep, y: Tensor, t: Tensor, f0: Tensor, *
     seg = torch.repeat_interleave(torch.arange(T - 1), n)  # (S,)
     starts = torch.cumsum(n, 0) - n
     frac = (torch.arange(int(n.sum())) - starts[seg]).double() / n[seg].double()  # (S,)
-    extra = [float(v) for key in ("step_t", "jump_t") if opts.get(key) is not None
-             for v in torch.as_tensor(opts[key], dtype=torch.float64).reshape(-1).tolist()]
-    if extra:  # times the grid must contain (inside t's span)
-        lo, hi = sorted((float(td[0]), float(td[-1])))
-        for v in extra:
-            if lo < v < hi:
-                j = int(torch.searchsorted(td if float(dt[0]) > 0 else -td,
-                                           torch.tensor(v if float(dt[0]) > 0 else -v,
-                                                        dtype=td.dtype), right=True)) - 1
-                fr = (v - float(td[j])) / float(dt[j])
-                if fr > 0:
-                    seg = torch.cat([seg, torch.tensor([j])])
-                    frac = torch.cat([frac, torch.tensor([fr], dtype=torch.float64)])
-        key = seg.double() * 2 + frac
-        order = torch.argsort(key)
-        seg, frac = seg[order], frac[order]
-        keep = torch.ones_like(seg, dtype=torch.bool)
-        keep[1:] = (seg[1:] != seg[:-1]) | (frac[1:] - frac[:-1] > 1e-12)
-        seg, frac = seg[keep], frac[keep]
     norm = opts.get("norm")
     prev_grid = prev_Y = None
     dev = t.device
@@ -772,8 +765,9 @@ def _adaptive(name: str, cell: ExplicitStep, y: Tensor, t: Tensor, f0: Tensor, *
         info.error_ratio = float(ratio.max()) if bool(fin.all()) else math.inf
         bad = ~(ratio <= 1)  # (S,)
         if not bool(bad.any()):
-            out_idx = torch.nonzero(fd == 0).reshape(-1)  # t[:-1]'s positions
-            out = Yall[..., torch.cat([out_idx, out_idx.new_tensor([S])]), :]  # (..., T, D)
+            out_idx = torch.nonzero(fd == 0).reshape(-1)  # the knots' positions but the last
+            out_idx = torch.cat([out_idx, out_idx.new_tensor([S])])[is_out.to(dev)]
+            out = Yall[..., out_idx, :]  # (..., T, D)
             return out.movedim(-2, 0), grid, Yall
         nf = torch.nonzero(~fin)
         if nf.numel():  # states after a non-finite error come from a state not trusted
