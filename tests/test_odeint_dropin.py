@@ -474,3 +474,16 @@ def test_warnings_do_not_escape_for_a_clean_solve():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         odeint(linear, torch.ones(2, dtype=F64), torch.linspace(0, 1, 3, dtype=F64))
+
+
+def test_a_large_state_defaults_to_stepping():
+    """Newton over the grid keeps a (D, D) Jacobian per step: above DENSE_MAX entries the
+    default solver steps in time (an explicit method then needs no Jacobian at all)."""
+    D = paraseq.ode.api.DENSE_MAX + 1
+    W = torch.randn(D, D, dtype=F64, generator=torch.Generator().manual_seed(6)) / D
+    y0 = torch.randn(D, dtype=F64, generator=torch.Generator().manual_seed(7))
+    t = torch.linspace(0, 0.5, 3, dtype=F64)
+    _, info = odeint(lambda s, y: torch.tanh(y @ W.T) - y, y0, t, return_info=True)
+    assert info.solver == "sequential" and info.error_ratio <= 1
+    _, small = odeint(linear, torch.ones(2, dtype=F64), t, return_info=True)
+    assert small.solver == "newton"

@@ -79,6 +79,11 @@ rounds, default ``MAX_ROUNDS``) and ``window``."""
 NEWTON_MAX_ITER = 12
 """Cap on the Newton iterations of each step's local equations (per cell call)."""
 
+DENSE_MAX = 256
+"""The default solver (``solver=None``) is ``"newton"`` up to this state size and
+``"sequential"`` above it: Newton over the grid keeps a dense (D, D) Jacobian per step (a
+func that mixes y0's rows makes the whole state one system, D = y0.numel())."""
+
 MAX_ROUNDS = 40
 """Default cap on the adaptive grid's refinement rounds."""
 
@@ -873,8 +878,8 @@ def _integrate(name: str, func: Callable, y0, t, *, method, signature: str, solv
     tol = float(tol if tol is not None else DEFAULT_TOL[y.dtype])
     T = t.shape[0]
     k = opts.get("substeps", 1) or 1
-    if solver is None:
-        solver = "newton" if vectorised else "sequential"
+    if solver is None:  # newton, unless func runs point by point or (D, D) Jacobians are huge
+        solver = "newton" if vectorised and D <= DENSE_MAX else "sequential"
     info = OdeInfo(solver=solver, method=method, substeps=k, tol=tol, vectorised=vectorised,
                    vmap_error=fld.vmap_error, one_system=state.flat)
 
@@ -977,7 +982,8 @@ def odeint(func: Callable, y0, t: Tensor, *, rtol=1e-7, atol=1e-9, method: str |
         solver: how the method is solved over the grid: ``"newton"`` (DEER: dense scans,
             quadratic convergence; the default when func runs under vmap),
             ``"quasi_newton"``, ``"damped_newton"``, ``"picard"``, ``"sequential"`` (stepped
-            in time: the reference) or ``"auto"`` (``choose_solver``).
+            in time: the reference; the default when func cannot run under vmap or the state
+            has more than ``DENSE_MAX`` entries per system) or ``"auto"`` (``choose_solver``).
         tol: tolerance on each step's method residual (``OdeInfo.residual``); default by
             dtype, 1e-10 float64 and 1e-5 float32 (``paraseq.solve.api.DEFAULT_TOL``).
         max_iter: cap on the iterations over the grid (``solve_recurrence``'s default if None).
