@@ -460,6 +460,9 @@ def test_odeint_event_falling_ball():
         assert abs(float(sol[1, 0].detach())) < 1e-9
         (d,) = torch.autograd.grad(t_ev, x0)
         assert abs(float(d) - 1 / math.sqrt(2 * g * 2.0)) < 1e-7
+    with pytest.raises(ValueError, match=r"requires options=\{'step_size'"):
+        odeint_event(f, y0, torch.tensor(0.0, dtype=F64), event_fn=lambda t, y: y[0],
+                     method="rk4")
     # through odeint's own event_fn keyword, and in reverse time
     t_ev, sol = odeint(f, y0.detach(), torch.tensor([0.0, 1.0], dtype=F64),
                        event_fn=lambda t, y: y[0])

@@ -1107,6 +1107,12 @@ def _event(func: Callable, y0, t0: Tensor, *, event_fn: Callable, reverse_time: 
                          f"{getattr(t0, 'shape', t0)!r}")
     direction = -1.0 if reverse_time else 1.0
     kwargs = dict(kwargs)
+    m = _method(name, kwargs.get("method"), "ode")
+    if m not in ADAPTIVE and (kwargs.get("options") or {}).get("step_size") is None:
+        raise ValueError(f"{name}: event handling with the fixed-grid method {m!r} requires "
+                         f"options={{'step_size': h}} (as torchdiffeq): the search integrates "
+                         f"chunks of growing length, which a grid of output times alone "
+                         f"would cross in one step")
     kwargs.pop("return_info", None)
     state = _State(name, y0)
     t0 = t0.reshape(()).to(state.y.dtype)
