@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from ._version import __version__
-from .ode import odeint, odeint_implicit
+from .ode import odeint, odeint_adjoint, odeint_event, odeint_implicit
 from .result import ConvergenceError, SolveInfo
 from .scan import linear_scan
 from .solve import solve_recurrence
@@ -15,7 +15,7 @@ from .solve import solve_recurrence
 _SUBPACKAGES = ("bench", "cells", "nn", "ode", "scan", "solve", "ssm")
 
 __all__ = ["ConvergenceError", "SolveInfo", "__version__", "linear_scan", "odeint",
-           "odeint_implicit", "solve_recurrence"]
+           "odeint_adjoint", "odeint_event", "odeint_implicit", "solve_recurrence"]
 
 
 def __getattr__(name: str):

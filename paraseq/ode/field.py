@@ -20,9 +20,6 @@ import torch
 from torch import Tensor
 
 _GROUP_SCALARS = 1 << 24  # replicas per backward pass are grouped to stay under this many
-LOOP_POINTS = 16
-"""A func that torch.func.vmap cannot batch is called point by point when a call has at most
-this many points (the sequential solver's calls: one step's stages, times D for Jacobians)."""
 
 
 class VectorField:
@@ -42,6 +39,7 @@ class VectorField:
         self.name = name
         self._vmapped = torch.func.vmap(func)
         self._loop = False
+        self.vmap_error: str | None = None
 
     def __call__(self, t: Tensor, *ys: Tensor) -> Tensor:
         """func at K points: t (K,), each y (K, B, D) -> (K, B, D)."""
@@ -55,16 +53,26 @@ class VectorField:
             except RuntimeError as e:
                 if "vmap" not in str(e) and "Batched" not in str(e):
                     raise
-                if K > LOOP_POINTS:
-                    raise RuntimeError(
-                        f"{self.name}: func is evaluated at {K} time points at once by "
-                        f"torch.func.vmap, and it failed there. func must be written with "
-                        f"torch operations only (no .item(), float(t), or Python branches on "
-                        f"t or y) for the parallel solvers; solver='sequential' calls it a "
-                        f"few points at a time, without vmap. vmap said: {e}") from e
-                self._loop = True  # a few points: one plain call each, from now on
+                # func cannot be batched over time points (Python control flow on t or y,
+                # .item(), float(t)): one plain call per point from now on
+                self._loop = True
+                self.vmap_error = str(e).splitlines()[0]
                 out = torch.stack([self.func(t[k], *(u[k] for u in user)) for k in range(K)])
         return out.reshape(K, self.B, self.D)
+
+    @property
+    def vectorised(self) -> bool:
+        """False once func has been found not to run under torch.func.vmap."""
+        return not self._loop
+
+    def probe(self, t0: Tensor, *ys: Tensor) -> bool:
+        """Whether func runs batched over time points: two points through vmap, without
+        gradients (t0 a 0-d time, each y (B, D)). Returns ``vectorised``."""
+        if not self._loop:
+            with torch.no_grad():
+                self(t0.reshape(1).expand(2), *(y.reshape(1, self.B, self.D).expand(2, -1, -1)
+                                                 for y in ys))
+        return self.vectorised
 
     def with_jacobians(self, t: Tensor, *ys: Tensor) -> tuple[Tensor, list[Tensor]]:
         """func at K points and its Jacobian with respect to each y: out (K, B, D) and, per y,
@@ -80,7 +88,10 @@ class VectorField:
                 reps = [y.detach().repeat(g, 1, 1).requires_grad_(True) for y in ys]  # (gK, B, D)
                 fr = self(t.detach().repeat(g), *reps)  # (g K, B, D)
                 cot = eye[i0:i0 + g].reshape(g, 1, 1, D).expand(g, K, B, D).reshape(g * K, B, D)
-                grads = torch.autograd.grad(fr, reps, cot, allow_unused=True)
+                if fr.requires_grad:
+                    grads = torch.autograd.grad(fr, reps, cot, allow_unused=True)
+                else:  # func does not depend on y at all (a forcing term alone)
+                    grads = (None,) * len(reps)
                 for j, gr in enumerate(grads):
                     if gr is None:
                         gr = torch.zeros_like(reps[j])

@@ -19,6 +19,8 @@ with d = b_I A_II^{-1}, provided the explicit stages drop out (b_E = d A_IE, tru
     implicit_midpoint  order 2  A = [1/2], c = [1/2]             A-stable, symplectic
     radau_iia_3        order 3  2 stages, stiffly accurate       L-stable
     gauss_legendre_4   order 4  2 stages at the Gauss points     A-stable, symplectic
+    radau_iia_5        order 5  3 stages, stiffly accurate       L-stable
+    gauss_legendre_6   order 6  3 stages at the Gauss points     A-stable, symplectic
 
 The implicit DAE form F(t, y, dy/dt) = 0 with backward Euler is the scheme
 R(Z) = F(t1, Z, (Z - y0) / h), d = [1] (DEER's implicit form).
@@ -35,6 +37,8 @@ from torch import Tensor
 from .field import VectorField
 
 _R3 = math.sqrt(3.0)
+_R6 = math.sqrt(6.0)
+_R15 = math.sqrt(15.0)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,18 @@ SCHEMES: dict[str, Tableau] = {
         Tableau("gauss_legendre_4", 4, ((0.25, 0.25 - _R3 / 6), (0.25 + _R3 / 6, 0.25)),
                 (0.5, 0.5), (0.5 - _R3 / 6, 0.5 + _R3 / 6),
                 "Gauss-Legendre, 2 stages; symplectic, fourth order"),
+        Tableau("radau_iia_5", 5,
+                (((88 - 7 * _R6) / 360, (296 - 169 * _R6) / 1800, (-2 + 3 * _R6) / 225),
+                 ((296 + 169 * _R6) / 1800, (88 + 7 * _R6) / 360, (-2 - 3 * _R6) / 225),
+                 ((16 - _R6) / 36, (16 + _R6) / 36, 1 / 9)),
+                ((16 - _R6) / 36, (16 + _R6) / 36, 1 / 9), ((4 - _R6) / 10, (4 + _R6) / 10, 1.0),
+                "Radau IIA, 3 stages; L-stable, stiffly accurate, fifth order"),
+        Tableau("gauss_legendre_6", 6,
+                ((5 / 36, 2 / 9 - _R15 / 15, 5 / 36 - _R15 / 30),
+                 (5 / 36 + _R15 / 24, 2 / 9, 5 / 36 - _R15 / 24),
+                 (5 / 36 + _R15 / 30, 2 / 9 + _R15 / 15, 5 / 36)),
+                (5 / 18, 4 / 9, 5 / 18), (0.5 - _R15 / 10, 0.5, 0.5 + _R15 / 10),
+                "Gauss-Legendre, 3 stages; symplectic, sixth order"),
     )
 }
 """The Runge-Kutta schemes by name (``odeint``'s ``method``)."""

@@ -91,7 +91,9 @@ def newton(scheme, y0: Tensor, tau: Tensor, Z: Tensor, *, tol: float, max_iter: 
             Z_prev, dZ_prev, merit_prev = Z, dZ, merit
             if lam is None:
                 lam = torch.ones_like(merit)
-        bad = ~torch.isfinite(delta) & ~(back if back is not None else False)
+        bad = ~torch.isfinite(delta)  # (m, B)
+        if back is not None:  # a retreating step keeps its line search
+            bad = bad & ~back
         if bool(bad.any()):
             Z_new = torch.where(bad.unsqueeze(-1), start, Z_new)
         Z = Z_new.clamp(-CLIP, CLIP)
