@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..scan import linear_scan
 from .parallel import decay_matrix
@@ -90,7 +91,12 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = No
         if Kg == 1:
             A = (qc @ kc.transpose(-1, -2)) * decay_matrix(G[..., 0])  # (B, H, N, C, C)
         else:
-            A = _gated_intra(qc, kc, G)  # (B, H, N, C, C)
+            # recomputed in the backward: its (c, c, K) products would otherwise be kept,
+            # c K numbers per step (fla recomputes them too)
+            if torch.is_grad_enabled() and any(x.requires_grad for x in (qc, kc, G)):
+                A = checkpoint(_gated_intra, qc, kc, G, use_reentrant=False)
+            else:
+                A = _gated_intra(qc, kc, G)  # (B, H, N, C, C)
         U = (kc * (G_last - G).exp()).transpose(-1, -2) @ vc  # (B, H, N, K, V)
         a = G_last.exp().transpose(-1, -2).expand(B, H, N, K, V)  # (B, H, N, K, V)
         S_incl = linear_scan(a.reshape(B, H, N, K * V), U.reshape(B, H, N, K * V),
