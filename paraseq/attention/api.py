@@ -268,7 +268,9 @@ def linear_attention(
     kwargs = {"chunk_size": chunk_size} if form == "chunked" else {}
 
     def attend(qs: Tensor, ks: Tensor, vs: Tensor, lgs: Tensor | None, S0: Tensor | None):
-        fq, fk = phi_q(qs) * scale, phi_k(ks)  # (B, H, T, K)
+        fq, fk = phi_q(qs), phi_k(ks)  # (B, H, T, K)
+        if scale != 1:
+            fq = fq * scale
         if fq.shape != fk.shape or fq.shape[-1] != K_feat:
             raise _bad("feature_map", f"features {tuple(fq.shape)}, {tuple(fk.shape)}",
                        f"must map q and k to the same shape (..., {K_feat})")

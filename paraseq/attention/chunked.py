@@ -1,6 +1,7 @@
 """The chunked form: quadratic inside chunks of C steps, a linear scan of the states across them.
 
-Shape letters as in ``naive``; N = ceil(T / C) chunks. Per chunk n, with G the cumulative log
+Shape letters as in ``naive``; N = T // C whole chunks (the T mod C steps left over make one
+short chunk, computed from the state the whole ones leave). Per chunk n, with G the cumulative log
 decay inside the chunk and S_(n-1) the state entering it:
 
     o_chunk = (mask * decay * q k^T) v            intra-chunk: a (C, C) product per chunk
@@ -20,12 +21,11 @@ exponents are <= 0; inside a sub-chunk the (c, c, K) products are formed exactly
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..scan import linear_scan
-from .parallel import decay_matrix
+from .parallel import decay_matrix, parallel_attention
 
 SUB_CHUNK = 16  # c: sub-chunk of the gated (GLA) intra-chunk product
 
@@ -68,23 +68,28 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = No
             S = S + initial_state
         return q @ S, S
     C = max(1, min(chunk_size, T))
-    N = -(-T // C)
-    pad = N * C - T
-    if pad:  # zero keys add nothing to the state, and a log decay of 0 keeps it
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        if log_g is not None:
-            log_g = F.pad(log_g, (0, 0, 0, pad))
+    N, tail = divmod(T, C)
+    if tail:  # whole chunks, then the last few steps as one short chunk from their state
+        T0 = N * C
+        o0, S = chunked_attention(q[:, :, :T0], k[:, :, :T0], v[:, :, :T0],
+                                  None if log_g is None else log_g[:, :, :T0], initial_state,
+                                  True, C)
+        o1, S = parallel_attention(q[:, :, T0:], k[:, :, T0:], v[:, :, T0:],
+                                   None if log_g is None else log_g[:, :, T0:], S, True)
+        return torch.cat([o0, o1], dim=2), S
     qc = q.reshape(B, H, N, C, K)
     kc = k.reshape(B, H, N, C, K)
     vc = v.reshape(B, H, N, C, V)
-    S0 = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(q.dtype)
     if log_g is None:
-        mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-        A = (qc @ kc.transpose(-1, -2)).masked_fill(~mask, 0)  # (B, H, N, C, C)
+        A = (qc @ kc.transpose(-1, -2)).tril_()  # (B, H, N, C, C)
         U = kc.transpose(-1, -2) @ vc  # (B, H, N, K, V)
-        S_incl = U.cumsum(2) + S0[:, :, None]  # (B, H, N, K, V): the scan with a = 1
+        S_incl = U.cumsum(2)  # (B, H, N, K, V): the scan across chunks, a = 1
+        if initial_state is not None:
+            S_incl = S_incl + initial_state.to(q.dtype)[:, :, None]
+        S_prev = S_incl - U  # (B, H, N, K, V): the state entering each chunk
         qg = qc
     else:
+        S0 = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(q.dtype)
         Kg = log_g.shape[-1]
         G = log_g.reshape(B, H, N, C, Kg).cumsum(-2)  # (B, H, N, C, 1 or K)
         G_last = G[..., -1:, :]  # (B, H, N, 1, 1 or K)
@@ -101,7 +106,9 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = No
         a = G_last.exp().transpose(-1, -2).expand(B, H, N, K, V)  # (B, H, N, K, V)
         S_incl = linear_scan(a.reshape(B, H, N, K * V), U.reshape(B, H, N, K * V),
                              S0.reshape(B, H, K * V)).reshape(B, H, N, K, V)
+        S_prev = torch.cat([S0[:, :, None], S_incl[:, :, :-1]], dim=2)  # (B, H, N, K, V)
         qg = qc * G.exp()  # (B, H, N, C, K)
-    S_prev = torch.cat([S0[:, :, None], S_incl[:, :, :-1]], dim=2)  # (B, H, N, K, V)
-    o = A @ vc + qg @ S_prev  # (B, H, N, C, V)
-    return o.reshape(B, H, N * C, V)[:, :, :T], S_incl[:, :, -1]
+    # o = A v + qg S_prev, the second product accumulated into the first by one gemm each
+    o = torch.baddbmm((qg @ S_prev).reshape(-1, C, V), A.reshape(-1, C, C),
+                      vc.reshape(-1, C, V))  # (B H N, C, V)
+    return o.reshape(B, H, T, V), S_incl[:, :, -1]

@@ -14,7 +14,7 @@ from torch import Tensor
 
 def elu1(x: Tensor) -> Tensor:
     """elu(x) + 1 (Katharopoulos et al. 2020): positive, so the normaliser never vanishes."""
-    return F.elu(x) + 1
+    return F.elu(x).add_(1)  # elu's backward reads its input, not its result
 
 
 def relu(x: Tensor) -> Tensor:
