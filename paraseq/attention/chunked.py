@@ -71,7 +71,9 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = No
     N, tail = divmod(T, C)
     if tail:  # whole chunks, then the last few steps as one short chunk from their state
         T0 = N * C
-        o0, S = chunked_attention(q[:, :, :T0], k[:, :, :T0], v[:, :, :T0],
+        # one copy each of the whole chunks: batched matmuls would copy a strided slice at
+        # every use (two each)
+        o0, S = chunked_attention(*(x[:, :, :T0].contiguous() for x in (q, k, v)),
                                   None if log_g is None else log_g[:, :, :T0], initial_state,
                                   True, C)
         o1, S = parallel_attention(q[:, :, T0:], k[:, :, T0:], v[:, :, T0:],
