@@ -426,3 +426,11 @@ def test_module_bad_arguments():
         LinearAttention(10, 3)
     with pytest.raises(ValueError, match="x must be"):
         LinearAttention(8, 2)(torch.randn(3, 8))
+
+
+def test_one_chunk_one_feature_gated():
+    """N = K = V = 1: the chunk scan's coefficients read as diagonal, not as 1 x 1 matrices."""
+    q, k, v = (rand(1, 1, 1, 1) for _ in range(3))
+    g = torch.full((1, 1, 1), 0.5, dtype=torch.float64)
+    o = linear_attention(q, k, v, gate=g, feature_map="identity", form="chunked")
+    assert rel(o, linear_attention(q, k, v, gate=g, feature_map="identity", form="naive")) < 1e-14

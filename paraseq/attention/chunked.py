@@ -107,7 +107,8 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = No
         U = (kc * (G_last - G).exp()).transpose(-1, -2) @ vc  # (B, H, N, K, V)
         a = G_last.exp().transpose(-1, -2).expand(B, H, N, K, V)  # (B, H, N, K, V)
         S_incl = linear_scan(a.reshape(B, H, N, K * V), U.reshape(B, H, N, K * V),
-                             S0.reshape(B, H, K * V)).reshape(B, H, N, K, V)
+                             S0.reshape(B, H, K * V), structure="diagonal"
+                             ).reshape(B, H, N, K, V)
         S_prev = torch.cat([S0[:, :, None], S_incl[:, :, :-1]], dim=2)  # (B, H, N, K, V)
         qg = qc * G.exp()  # (B, H, N, C, K)
     # o = A v + qg S_prev, the second product accumulated into the first by one gemm each
