@@ -434,3 +434,20 @@ def test_one_chunk_one_feature_gated():
     g = torch.full((1, 1, 1), 0.5, dtype=torch.float64)
     o = linear_attention(q, k, v, gate=g, feature_map="identity", form="chunked")
     assert rel(o, linear_attention(q, k, v, gate=g, feature_map="identity", form="naive")) < 1e-14
+
+
+def test_cli_attention_runs_tiny(tmp_path, capsys):
+    from paraseq.cli import main
+
+    rc = main(["attention", "--lengths", "16", "--models", "softmax", "elu1", "gla",
+               "--budget", "0.2", "--max-steps", "2", "--tokens", "32", "--embed", "8",
+               "--heads", "2", "--layers", "1", "--text-bytes", "20000", "--generate", "8",
+               "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "softmax" in out and "gla" in out and "writes, by the recurrent form" in out
+    assert (tmp_path / "attention.png").exists()
+    # the three forms agree on the trained models (float32)
+    errs = [float(line.split()[5]) for line in out.splitlines()
+            if line.startswith(("elu1 ", "gla ")) and "e-" in line.split()[5]]
+    assert errs and max(errs) < 1e-4
