@@ -20,6 +20,15 @@ from paraseq.diagnostics import lyapunov
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: a second intra-op thread only adds wake-ups on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Linear(torch.nn.Module):
     """h_t = A h_{t-1} + x_t: J_t = A, so the exponent is log of A's spectral radius."""
 
@@ -168,3 +177,60 @@ def test_lyapunov_bad_input():
         lyapunov(cell, bad)
     with pytest.raises(ValueError, match="h must have shape"):
         lyapunov(cell, x, h=torch.zeros(1, 9, 4))
+
+
+# ----------------------------------------------------------------------------- iterations
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_iterations_one_run_equals_separate_prefix_solves(dtype, tmp_path):
+    torch.manual_seed(0)
+    cell = torch.nn.GRUCell(2, 4).to(dtype)
+    x = torch.randn(2, 101, 2, dtype=dtype)
+    lengths = [1, 2, 3, 17, 50, 101]
+    methods = ("newton", "quasi_newton", "jacobi")
+    table = paraseq.diagnostics.iterations(cell, x, methods=methods, lengths=lengths)
+    assert table.lengths == lengths and list(table.counts) == list(methods)
+    for m in methods:
+        for L, k in zip(lengths, table.counts[m], strict=True):
+            _, info = paraseq.solve_recurrence(cell, x[:, :L], method=m, tol=table.tol,
+                                               on_failure="raise", return_info=True)
+            assert info.iterations == k, (m, L)
+        assert table.counts[m] == sorted(table.counts[m])  # K*(T) never falls with T
+    assert table.counts["newton"][-1] < table.counts["jacobi"][-1]
+    text = table.format()
+    assert text.splitlines()[0].split() == ["T", *methods]
+    assert table.plot(tmp_path / "k.png").stat().st_size > 0
+
+
+def test_iterations_damped_newton_and_caps():
+    torch.manual_seed(1)
+    cell = torch.nn.RNNCell(2, 3).double()
+    x = torch.randn(1, 40, 2, dtype=F64)
+    table = paraseq.diagnostics.iterations(cell, x, methods=("damped_newton", "jacobi"),
+                                           lengths=[5, 40], max_iter=3)
+    for L, k in zip([5, 40], table.counts["damped_newton"], strict=True):
+        _, info = paraseq.solve_recurrence(cell, x[:, :L], method="damped_newton",
+                                           max_iter=3, on_failure="warn", return_info=True)
+        assert k == (info.iterations if info.converged else None)
+    assert table.counts["jacobi"][-1] is None  # 40 steps need more than 3 Jacobi sweeps
+    assert table.frontier["jacobi"][-1] < 40
+    assert "-" in table.format()
+
+
+def test_iterations_bad_input():
+    cell = torch.nn.GRUCell(2, 4)
+    x = torch.randn(1, 10, 2)
+    it = paraseq.diagnostics.iterations
+    with pytest.raises(ValueError, match="unknown parallel method 'sequential'"):
+        it(cell, x, methods=["sequential"])
+    with pytest.raises(ValueError, match=r"lengths must be in \[1, T\] = \[1, 10\]"):
+        it(cell, x, lengths=[0, 5])
+    with pytest.raises(ValueError, match=r"lengths must be in \[1, T\]"):
+        it(cell, x, lengths=[11])
+    with pytest.raises(ValueError, match="max_iter must be an int >= 1"):
+        it(cell, x, max_iter=0)
+    with pytest.raises(ValueError, match="jacobian must be"):
+        it(cell, x, jacobian="hutchinson")
+    with pytest.raises(TypeError, match="floating point tensor"):
+        it(cell, [1, 2])
