@@ -234,3 +234,89 @@ def test_iterations_bad_input():
         it(cell, x, jacobian="hutchinson")
     with pytest.raises(TypeError, match="floating point tensor"):
         it(cell, [1, 2])
+
+
+# ----------------------------------------------------------------------------- auto's guard
+
+
+def elman(gain: float, D: int = 8):
+    torch.manual_seed(0)
+    cell = torch.nn.RNNCell(2, D)
+    with torch.no_grad():
+        cell.weight_hh.copy_(gain * torch.randn(D, D) / math.sqrt(D))
+    return cell
+
+
+def test_auto_takes_the_loop_on_a_chaotic_cell():
+    """On a chaotic cell Newton's iterations grow with T: auto's guard reads a positive
+    exponent on a short prefix and takes the loop (the deterministic proxy for "auto costs no
+    more than 2x the loop": benchmarks/diagnostics.py times it)."""
+    cell = elman(3.0)
+    x = 0.1 * torch.randn(1, 1024, 2, generator=gen(0))
+    assert paraseq.diagnostics.lyapunov(cell, x).exponent.item() > 0.02
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        h, info = paraseq.solve_recurrence(cell, x, return_info=True)
+        ref = paraseq.solve_recurrence(cell, x, method="sequential")
+    assert torch.equal(torch.get_rng_state(), state)  # the guard draws from its own generator
+    assert info.method == "sequential" and info.lle is not None and info.lle > 0
+    assert info.iterations == 0
+    torch.testing.assert_close(h, ref)
+    # forced, Newton crawls on the same problem: it stalls and falls back
+    _, newton = paraseq.solve_recurrence(cell, x, method="newton", return_info=True)
+    assert newton.fell_back
+
+
+def test_auto_keeps_newton_on_a_contracting_cell():
+    cell = elman(1.0)
+    x = 0.1 * torch.randn(1, 1024, 2, generator=gen(0))
+    with torch.no_grad():
+        h, info = paraseq.solve_recurrence(cell, x, return_info=True)
+        ref = paraseq.solve_recurrence(cell, x, method="sequential")
+    assert info.method == "newton" and info.lle is not None and info.lle < 0
+    assert info.converged and not info.fell_back
+    torch.testing.assert_close(h, ref, atol=1e-5, rtol=1e-5)
+    # the exponent on the prefix agrees with the full estimate
+    full = paraseq.diagnostics.lyapunov(cell, x).exponent.item()
+    assert abs(info.lle - full) < 0.1
+    # the contraction ratio per iteration: Newton's falls fast
+    c = info.contraction
+    assert len(c) == info.iterations == len(info.residuals) - 1
+    r = info.residuals
+    assert c == [r[k + 1] / r[k] for k in range(len(r) - 1)]
+    assert c[-1] < 0.1
+    # short sequences skip the guard
+    _, short = paraseq.solve_recurrence(cell, x[:, :200], return_info=True)
+    assert short.lle is None
+
+
+def test_product_exponent_equals_the_power_iteration():
+    from paraseq.diagnostics.lle import power_iteration
+    from paraseq.diagnostics.predict import product_exponent
+
+    J = torch.randn(2, 37, 5, 5, generator=gen(1), dtype=F64)  # (B, L, D, D)
+    V = torch.randn(3, 2, 5, generator=gen(2), dtype=F64)  # (S, B, D)
+    V = V / V.norm(dim=-1, keepdim=True)
+    logs = power_iteration(lambda t, v: (J[:, t] @ v.unsqueeze(-1)).squeeze(-1), V, 37)
+    torch.testing.assert_close(product_exponent(J, V), logs.mean(-1), atol=1e-12, rtol=0)
+
+
+def test_contraction_property():
+    info = paraseq.SolveInfo(method="newton", residuals=[1.0, 0.5, 0.0, 0.0])
+    assert info.contraction[:2] == [0.5, 0.0] and math.isnan(info.contraction[2])
+    assert paraseq.SolveInfo(method="sequential").contraction == []
+
+
+def test_diagnose_command(tmp_path, capsys):
+    from paraseq.cli import main
+
+    rc = main(["diagnose", "--cell", "elman", "--gains", "0.5", "4", "--lengths", "30", "130",
+               "--methods", "newton", "damped_newton", "--max-iter", "20", "--out",
+               str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [ln for ln in out.splitlines() if ln.startswith("elman")]
+    assert len(lines) == 2
+    lle = [float(ln.split()[2]) for ln in lines]
+    assert lle[0] < 0 < lle[1]  # contracting, then chaotic
+    assert (tmp_path / "diagnose.png").stat().st_size > 0
