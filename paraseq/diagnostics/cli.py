@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 KINDS = ("elman", "gru")
-DEFAULT_GAINS = {"elman": (0.5, 1.0, 1.5, 2.0, 3.0), "gru": (1.0, 2.0, 3.0, 4.0, 6.0)}
+DEFAULT_GAINS = {"elman": (0.5, 1.0, 1.5, 2.0, 3.0, 4.0), "gru": (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)}
 METHODS = ("newton", "quasi_newton", "damped_newton")
 
 
