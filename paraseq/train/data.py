@@ -30,11 +30,15 @@ def _aeon():
 
 
 def available() -> list[str]:
-    """The classification datasets aeon ships with its package (no download)."""
+    """The classification datasets aeon ships with its package (no download; its bundled
+    regression sets are left out)."""
     ds = _aeon()
+    from aeon.datasets import tsc_datasets
+
+    tsc = set(tsc_datasets.univariate) | set(tsc_datasets.multivariate) | {"UnitTest"}
     root = Path(ds.__file__).parent / "data"
     return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and (p / f"{p.name}_TRAIN.ts").exists()
+                  if p.is_dir() and p.name in tsc and (p / f"{p.name}_TRAIN.ts").exists()
                   and (p / f"{p.name}_TEST.ts").exists())
 
 
