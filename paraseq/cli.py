@@ -228,7 +228,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS: list[str] = [".bench.cli", ".ssm.cli", ".ode.cli", ".attention.cli"]
+_COMMANDS: list[str] = [".bench.cli", ".ssm.cli", ".ode.cli", ".attention.cli", ".diagnostics.cli",
+                       ".train.cli"]
 """Modules (relative to paraseq) that add subcommands: each has ``register(sub)``, which calls
 ``sub.add_parser(...)`` and sets ``func`` (args -> exit code) by ``set_defaults``. Imported
 only when the parser is built, so ``import paraseq`` stays light."""

@@ -4,6 +4,7 @@ did (``SolveInfo``) and the error a failed solve raises (``ConvergenceError``). 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -36,3 +37,15 @@ class SolveInfo:
     tol: float = math.nan
     time_chunks: int = 1
     residuals: list[float] = field(default_factory=list)
+    lle: float | None = None
+    """The largest Lyapunov exponent that ``method="auto"`` estimated on a prefix before
+    committing to a parallel method (``paraseq.diagnostics.predict``), or None."""
+
+    @property
+    def contraction(self) -> list[float]:
+        """The residual's ratio per iteration, residuals[k + 1] / residuals[k] (nan where a
+        residual is 0 or not finite): below 1 where an iteration helped; Newton's fall
+        towards 0 as it converges quadratically, a crawl stays near 1."""
+        r = self.residuals
+        return [b / a if a > 0 and math.isfinite(a) and math.isfinite(b) else math.nan
+                for a, b in itertools.pairwise(r)]

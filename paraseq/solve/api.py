@@ -388,6 +388,10 @@ def solve_recurrence(
         info = routed if routed is not None else dataclasses.replace(
             info, method="sequential", converged=True, residual=0.0)
         return done(H)
+    if method == "auto" and m.structure != "loop":  # would the parallel pick crawl? (chaos)
+        from ..diagnostics.predict import guard_auto
+        name, info.lle = guard_auto(fc, X, h0_flat, cell_dtype, name)
+        m, info.method = METHODS[name], name
     if m.structure == "loop":
         H = sequential(fc, X, h0_flat, cell_dtype)
         info.converged, info.residual = True, 0.0

@@ -1,0 +1,178 @@
+"""paraseq.train: the loop on synthetic data (resume equals an uninterrupted run, checkpoints
+from another run, corrupt checkpoints, NaN in the data, torch's twin from the same weights)
+and on aeon's bundled datasets at tiny size (skipped where aeon is not installed).
+
+Shape letters: N series, T time, C channels.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from paraseq import train
+from paraseq.train import CheckpointError, Config, from_arrays
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def synthetic(n=24, T=30, seed=0, variable=False):
+    """Two classes: a noisy sine against noise, (N, C, T) arrays (or lists of (C, T_i))."""
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        X, y = [], []
+        for i in range(n):
+            L = T - (i % 5) * 3 if variable else T
+            c = i % 2
+            t = np.arange(L)
+            x = 0.3 * rng.standard_normal(L) + (np.sin(t / 3.0) if c else 0.0)
+            X.append(x[None, :].astype(np.float32))
+            y.append(str(c))
+        return (X if variable else np.stack(X)), np.array(y)
+
+    Xtr, ytr = make(n)
+    Xte, yte = make(n)
+    return from_arrays("Synthetic", Xtr, ytr, Xte, yte, seed=0)
+
+
+def cfg(**kw):
+    base = dict(dataset="Synthetic", model="gru", method="newton", hidden=4, epochs=3,
+                batch_size=8, lr=1e-2, patience=10, lle_every=2, progress=False)
+    return Config(**{**base, **kw})
+
+
+def rows(folder):
+    with open(folder / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in r.items() if "seconds" not in k} for r in csv.DictReader(f)]
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    data = synthetic(variable=True)
+    assert data.variable_length
+    full = train.run(cfg(), data, tmp_path / "a")
+    assert full["epochs_run"] == 3 and 0 <= full["test_acc"] <= 1
+    # a kill mid-epoch 2 (after 4 of the 6 steps of two epochs): epoch 1 is checkpointed
+    part = train.run(cfg(max_steps=4), data, tmp_path / "b")
+    assert part == {"interrupted_at_step": 4}
+    resumed = train.run(cfg(), data, tmp_path / "b", resume=True)
+    for key in ("test_acc", "test_loss", "best_epoch", "steps"):
+        assert resumed[key] == full[key], key
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")  # losses, iterations, LLE: all equal
+    steps = [r for r in rows(tmp_path / "a") if r["kind"] == "step"]
+    assert all(int(r["iterations"]) > 0 for r in steps)  # Newton ran, and says so
+    assert any(r["lle"] for r in steps)
+    assert train.plot(tmp_path / "a").stat().st_size > 0
+    assert json.loads((tmp_path / "a" / "result.json").read_text())["test_acc"] == \
+        full["test_acc"]
+
+
+def test_checkpoint_of_another_run_changes_nothing(tmp_path):
+    data = synthetic()
+    train.run(cfg(epochs=1), data, tmp_path)
+    before = {p.name: digest(p) for p in tmp_path.iterdir()}
+    with pytest.raises(CheckpointError, match=r"another run.*hidden: checkpoint 4 vs asked 5"):
+        train.run(cfg(epochs=2, hidden=5), data, tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="already holds a run; pass --resume"):
+        train.run(cfg(epochs=2), data, tmp_path)
+    assert {p.name: digest(p) for p in tmp_path.iterdir()} == before
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train.run(cfg(), data, tmp_path / "empty", resume=True)
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    data = synthetic()  # 19 training series, batches of 8: 3 steps an epoch
+    train.run(cfg(), data, tmp_path / "ref")
+    train.run(cfg(max_steps=7), data, tmp_path)  # epochs 1 and 2 are checkpointed
+    prev = digest(tmp_path / "checkpoint.prev.pt")
+    ck = tmp_path / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])  # truncated
+    with pytest.warns(RuntimeWarning, match=r"corrupt or truncated.*checkpoint\.prev\.pt"):
+        part = train.run(cfg(max_steps=7), data, tmp_path, resume=True)  # redoes epoch 2
+    assert part == {"interrupted_at_step": 7}
+    assert (tmp_path / "checkpoint.corrupt").exists()
+    # the good previous checkpoint was kept: the new one replaced only the bad one
+    assert digest(tmp_path / "checkpoint.prev.pt") == prev
+    res = train.run(cfg(), data, tmp_path, resume=True)
+    ref = json.loads((tmp_path / "ref" / "result.json").read_text())
+    assert (res["test_acc"], res["test_loss"]) == (ref["test_acc"], ref["test_loss"])
+    assert rows(tmp_path) == rows(tmp_path / "ref")
+    # both bad: a clear error
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (tmp_path / name).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"checkpoint\.prev\.pt: not a paraseq checkpoint"):
+        train.run(cfg(epochs=4), data, tmp_path, resume=True)
+
+
+def test_nan_in_the_data_names_the_sample():
+    X = np.zeros((6, 1, 10), dtype=np.float32)
+    X[4, 0, 7] = np.nan
+    y = np.array(["a", "b"] * 3)
+    with pytest.raises(ValueError, match=r"train sample 4 has a non-finite value.*time step 7"):
+        from_arrays("Bad", X, y, X[:2], y[:2])
+
+
+def test_torch_twin_starts_from_the_same_weights():
+    torch.manual_seed(3)
+    ours = train.Classifier("gru", 2, 5, 3, "sequential", 40)
+    torch.manual_seed(3)
+    theirs = train.Classifier("gru", 2, 5, 3, "torch", 40)
+    assert isinstance(theirs.body, torch.nn.GRU)
+    for (k, a), (k2, b) in zip(ours.state_dict().items(), theirs.state_dict().items(),
+                               strict=True):
+        assert k == k2 and torch.equal(a, b)
+    x = torch.randn(4, 40, 2)
+    lengths = torch.tensor([40, 33, 40, 7])
+    torch.testing.assert_close(ours(x, lengths), theirs(x, lengths))
+    with pytest.raises(ValueError, match=r"method='torch'.*gru and lstm only"):
+        train.Classifier("diaggru", 2, 5, 3, "torch", 40)
+    with pytest.raises(ValueError, match="unknown model 'mamba'"):
+        train.Classifier("mamba", 2, 5, 3, "auto", 40)
+
+
+def test_aeon_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "aeon", None)
+    monkeypatch.setitem(sys.modules, "aeon.datasets", None)
+    with pytest.raises(ImportError, match=r"pip install 'paraseq\[data\]'"):
+        train.load("GunPoint")
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def test_bundled_dataset_trains(tmp_path):
+    pytest.importorskip("aeon")
+    data = train.load("UnitTest")
+    assert len(data.train) + len(data.val) == 20 and len(data.test) == 22
+    res = train.run(cfg(dataset="UnitTest", epochs=2, hidden=4), data, tmp_path)
+    assert res["epochs_run"] == 2 and 0 <= res["test_acc"] <= 1
+
+
+def test_bundled_variable_length_dataset():
+    pytest.importorskip("aeon")
+    data = train.load("JapaneseVowels")
+    assert data.variable_length and data.channels == 12 and len(data.classes) == 9
+    x, lengths, _ = train.data.batches(data.test, 8)[0]
+    assert x.shape[0] == 8 and int(lengths.max()) == x.shape[1]
+
+
+def test_unknown_dataset_lists_the_available_ones():
+    pytest.importorskip("aeon")
+    with pytest.raises(ValueError, match=r"unknown dataset 'NoSuch'.*GunPoint"):
+        train.load("NoSuch")
