@@ -108,7 +108,8 @@ def linear_attention(
     S_t = diag(g_t) S_(t-1) + phi(k_t) v_t^T in one of three equal forms.
 
     Args:
-        q, k: queries and keys, (B, H, T, d) (or (B, T, H, d) with ``layout="bthd"``).
+        q: queries, (B, H, T, d) (or (B, T, H, d) with ``layout="bthd"``).
+        k: keys, shaped as q.
         v: values, (B, H, T, d_v) (or (B, T, H, d_v)).
         feature_map: ``"elu1"`` (elu + 1), ``"relu"``, ``"identity"`` (RetNet, GLA),
             ``"taylor"`` (sim = 1 + q_n . k_n, q, k L2-normalised), ``"softmax"`` (softmax of q

@@ -27,7 +27,8 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = None
     """The loop, in float64 whatever the inputs' dtype; returns (o, final state) in q's dtype.
 
     Args:
-        q, k: (B, H, T, K) queries and keys, the feature map already applied.
+        q: (B, H, T, K) queries, the feature map already applied.
+        k: (B, H, T, K) keys, the feature map already applied.
         v: (B, H, T, V) values.
         log_g: None (no decay), or the log of the per-step decay, (B, H, T, 1) (a scalar per
             head and step) or (B, H, T, K) (a gate per key feature). Causal only.

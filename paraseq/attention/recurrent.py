@@ -16,8 +16,11 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor,
     """One token: S = diag(g) S + k v^T, o = S^T q.
 
     Args:
-        q, k: (B, H, K); v: (B, H, V); state: (B, H, K, V); log_g: None, (B, H, 1) or
-            (B, H, K).
+        q: (B, H, K) the query.
+        k: (B, H, K) the key.
+        v: (B, H, V) the value.
+        state: (B, H, K, V).
+        log_g: None, (B, H, 1) or (B, H, K).
 
     Returns:
         o (B, H, V) and the new state (B, H, K, V).

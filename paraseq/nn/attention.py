@@ -39,7 +39,8 @@ class LinearAttention(nn.Module):
         head_norm: RMS-normalise each head's output before the output projection (RetNet and
             GLA do, as their outputs are not normalised); None: True when not normalising.
         bias: biases in the projections.
-        form, chunk_size: passed to ``linear_attention`` (``"auto"`` picks by length).
+        form: passed to ``linear_attention`` (``"auto"`` picks by length).
+        chunk_size: passed to ``linear_attention``.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, feature_map: str = "elu1",

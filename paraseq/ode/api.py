@@ -27,6 +27,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -942,10 +943,11 @@ def _integrate(name: str, func: Callable, y0, t, *, method, signature: str, solv
     return done(_interp(grid, Yg, t, opts.get("interp", "linear"), F), grid, Yall)
 
 
-def odeint(func: Callable, y0, t: Tensor, *, rtol=1e-7, atol=1e-9, method: str | None = None,
+def odeint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *,
+           rtol: float | Tensor = 1e-7, atol: float | Tensor = 1e-9, method: str | None = None,
            options: dict | None = None, event_fn: Callable | None = None,
            solver: str | None = None, tol: float | None = None, max_iter: int | None = None,
-           on_failure: str = "fallback", return_info: bool = False):
+           on_failure: str = "fallback", return_info: bool = False) -> Any:
     """Solve dy/dt = func(t, y), y(t[0]) = y0, on the times t, parallel in time.
 
     torchdiffeq's ``odeint`` call, unchanged (its arguments, defaults, method names, options,
@@ -963,8 +965,9 @@ def odeint(func: Callable, y0, t: Tensor, *, rtol=1e-7, atol=1e-9, method: str |
         y0: (..., D), a 0-d tensor, or a tuple of tensors; float32 or float64.
         t: (T,) strictly increasing or strictly decreasing (integrates backwards), on y0's
             device; any real dtype, cast to y0's (the solve runs in y0's dtype).
-        rtol, atol: the adaptive methods' tolerances on each step's local error, as
-            torchdiffeq: numbers or tensors broadcasting to y0. Fixed-grid methods ignore them.
+        rtol: the adaptive methods' relative tolerance on each step's local error, as
+            torchdiffeq: a number or a tensor broadcasting to y0. Fixed-grid methods ignore it.
+        atol: the absolute tolerance, likewise.
         method: ``None`` is ``"dopri5"``. Adaptive (an embedded error estimate, rtol/atol
             met by refining the grid in rounds, ``_adaptive``): ``"dopri5"``, ``"bosh3"``,
             ``"fehlberg2"``, ``"adaptive_heun"``. Explicit on the grid: ``"euler"``,
