@@ -12,7 +12,7 @@ from .solve import solve_recurrence
 
 # subpackages reachable after a bare ``import paraseq`` (as torch.nn after ``import torch``),
 # imported on first use so that ``import paraseq`` stays as light as its functional API
-_SUBPACKAGES = ("bench", "cells", "nn", "ode", "scan", "solve", "ssm")
+_SUBPACKAGES = ("bench", "cells", "distributed", "nn", "ode", "scan", "solve", "ssm")
 
 __all__ = ["ConvergenceError", "SolveInfo", "__version__", "linear_scan", "odeint",
            "odeint_implicit", "solve_recurrence"]
