@@ -20,6 +20,7 @@ import torch.distributed as dist
 import paraseq
 from paraseq.distributed import PeerError
 from paraseq.distributed import linear_scan as dlinear_scan
+from paraseq.distributed import solve_recurrence as dsolve
 from paraseq.distributed.launch import run_local
 
 WORLD = 4
@@ -175,6 +176,51 @@ def check_scan_bad_input_raises_everywhere(rank, group, P):
         assert rank != bad and f"rank {bad}" in str(e) and e.rank == bad, str(e)
     else:
         raise AssertionError("no error")
+
+
+def _cells(seed):
+    torch.manual_seed(seed)
+    return {"gru": torch.nn.GRUCell(2, 3).double(),
+            "diag_gru": paraseq.cells.DiagGRUCell(2, 4).double(),
+            "lstm": paraseq.cells.LSTMCell(2, 3).double()}
+
+
+def _solve_case(rank, group, P, name, method, T, kind, dtype=torch.float64, tol=1e-12):
+    cell = _cells(5)[name].to(dtype)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, T, 2, generator=g, dtype=torch.float64).to(dtype)  # (B, T, n)
+    sizes = getattr(cell, "state_sizes", None)
+    h0 = tuple(0.3 * torch.ones(2, s, dtype=dtype) for s in sizes) if sizes else \
+        0.3 * torch.ones(2, cell.hidden_size, dtype=dtype)
+    ref, rinfo = paraseq.solve_recurrence(cell, x, h0, method=method, tol=tol, return_info=True)
+    lens = split(T, P, kind)
+    H, info = dsolve(cell, piece(x, lens, rank, 1), h0, group=group, method=method, tol=tol,
+                     return_info=True)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    Hs = H if isinstance(H, tuple) else (H,)
+    for r, h in zip(refs, Hs, strict=True):
+        close(h, piece(r, lens, rank, 1), f"{name} {method} {kind} {lens}")
+    return info, rinfo
+
+
+@check(1, 2, 3, 4)
+def check_solve_equals_single_process(rank, group, P):
+    with torch.no_grad():
+        for name, method in (("gru", "newton"), ("diag_gru", "quasi_newton"),
+                             ("lstm", "newton"), ("gru", "quasi_newton"), ("gru", "jacobi"),
+                             ("gru", "sequential")):
+            for kind in ("even", "empty"):
+                info, rinfo = _solve_case(rank, group, P, name, method, 37, kind)
+                assert info.converged, info
+                if method in ("newton", "quasi_newton") and name != "lstm":
+                    # the same iterations as one process (the compiled sweeps excepted)
+                    assert info.iterations == rinfo.iterations, (info, rinfo)
+
+
+@check(2, 3)
+def check_solve_float32(rank, group, P):
+    with torch.no_grad():
+        _solve_case(rank, group, P, "gru", "newton", 41, "uneven", torch.float32, tol=1e-6)
 
 
 # -- the harness -----------------------------------------------------------------------------

@@ -7,5 +7,6 @@ steps; each returns its rank's slice of the single-process result.
 
 from ._comm import PeerError
 from .scan import linear_scan
+from .solve import solve_recurrence
 
-__all__ = ["PeerError", "linear_scan"]
+__all__ = ["PeerError", "linear_scan", "solve_recurrence"]
