@@ -223,6 +223,216 @@ def check_solve_float32(rank, group, P):
         _solve_case(rank, group, P, "gru", "newton", 41, "uneven", torch.float32, tol=1e-6)
 
 
+def _all_reduce_grads(params, group):
+    for p in params:
+        dist.all_reduce(p.grad, group=group)
+
+
+@check(1, 2, 3, 4)
+def check_solve_gradients(rank, group, P):
+    for name, method in (("gru", "newton"), ("diag_gru", "quasi_newton"), ("lstm", "newton")):
+        for kind in ("even", "empty"):
+            cell = _cells(6)[name]
+            T = 29
+            g = torch.Generator().manual_seed(4)
+            x = torch.randn(2, T, 2, generator=g, dtype=torch.float64)
+            w = torch.randn(2, T, cell.state_sizes[0] if hasattr(cell, "state_sizes")
+                            else cell.hidden_size, generator=g, dtype=torch.float64)
+            D0 = w.shape[-1]
+            sizes = getattr(cell, "state_sizes", (D0,))
+            h0 = [0.2 * torch.ones(2, s, dtype=torch.float64) for s in sizes]
+
+            def loss_of(states, w):
+                h = states[0] if isinstance(states, tuple) else states
+                return (h * w).sum()
+
+            xr = x.clone().requires_grad_()
+            h0r = [h.clone().requires_grad_() for h in h0]
+            st = paraseq.solve_recurrence(cell, xr, tuple(h0r) if len(h0r) > 1 else h0r[0],
+                                          method=method, tol=1e-12)
+            loss_of(st, w).backward()
+            ref_p = [p.grad.clone() for p in cell.parameters()]
+            cell.zero_grad()
+            lens = split(T, P, kind)
+            xd = piece(x, lens, rank, 1).clone().requires_grad_()
+            h0d = [h.clone().requires_grad_() for h in h0]
+            sd = dsolve(cell, xd, tuple(h0d) if len(h0d) > 1 else h0d[0], group=group,
+                        method=method, tol=1e-12)
+            loss_of(sd, piece(w, lens, rank, 1)).backward()
+            _all_reduce_grads(list(cell.parameters()), group)
+            what = f"{name} {kind} {lens}"
+            for p, r in zip(cell.parameters(), ref_p, strict=True):
+                close(p.grad, r, "param grad " + what)
+            close(xd.grad, piece(xr.grad, lens, rank, 1), "input grad " + what)
+            for hd, hr in zip(h0d, h0r, strict=True):
+                want = hr.grad if rank == 0 else torch.zeros_like(hr)
+                close(hd.grad if hd.grad is not None else torch.zeros_like(hr), want,
+                      "h0 grad " + what)
+
+
+class _NanCell(torch.nn.Module):
+    """tanh cell whose output is nan where the input's first feature is above 5."""
+
+    hidden_size = 3
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(0.5 * torch.eye(3, dtype=torch.float64))
+
+    def forward(self, x, h):
+        out = torch.tanh(h @ self.w + x)
+        return torch.where(x[:, :1] > 5, torch.full_like(out, float("nan")), out)
+
+
+@check(2, 3)
+def check_solve_nan_on_one_rank(rank, group, P):
+    T = 30
+    x = torch.randn(1, T, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x[0, T - 4, 0] = 10.0  # the last rank's chunk holds the bad step
+    cell = _NanCell()
+    lens = split(T, P)
+    with torch.no_grad():
+        try:
+            dsolve(cell, piece(x, lens, rank, 1), group=group, method="newton",
+                   on_failure="raise")
+        except paraseq.ConvergenceError as e:
+            assert "ranks" in str(e)
+        else:
+            raise AssertionError("no ConvergenceError")
+        ref, rinfo = paraseq.solve_recurrence(cell, x, method="newton", return_info=True)
+        H, info = dsolve(cell, piece(x, lens, rank, 1), group=group, method="newton",
+                         return_info=True)
+        torch.testing.assert_close(H, piece(ref, lens, rank, 1), equal_nan=True, rtol=0,
+                                   atol=1e-12)
+        assert info.fell_back and info.fallback_from == rinfo.fallback_from, (info, rinfo)
+
+
+@check(2, 3)
+def check_solve_policies_when_not_converged(rank, group, P):
+    cell = _cells(1)["gru"]
+    T = 40
+    x = 3 * torch.randn(2, T, 2, generator=torch.Generator().manual_seed(3),
+                        dtype=torch.float64)
+    lens = split(T, P, "uneven")
+    xs = piece(x, lens, rank, 1)
+    with torch.no_grad():
+        try:
+            dsolve(cell, xs, group=group, method="jacobi", max_iter=2, on_failure="raise")
+        except paraseq.ConvergenceError as e:
+            assert e.iterations == 2
+        else:
+            raise AssertionError("no ConvergenceError")
+        ref, rinfo = paraseq.solve_recurrence(cell, x, method="jacobi", max_iter=2,
+                                              return_info=True)
+        H, info = dsolve(cell, xs, group=group, method="jacobi", max_iter=2, return_info=True)
+        close(H, piece(ref, lens, rank, 1), "fallback")
+        # two Jacobi sweeps from h_t = f(x_t, 0) make the first three steps exact
+        assert info.fell_back and info.fallback_from == rinfo.fallback_from == 3, info
+        import warnings
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            _, info = dsolve(cell, xs, group=group, method="jacobi", max_iter=2,
+                             on_failure="warn", return_info=True)
+        assert not info.converged and any("did not converge" in str(m.message) for m in w)
+
+
+class _RaisingCell(torch.nn.GRUCell):
+    def __init__(self, bad: bool):
+        super().__init__(2, 3, dtype=torch.float64)
+        self.bad, self.calls = bad, 0
+
+    def forward(self, x, h):
+        self.calls += 1
+        if self.bad and self.calls > 3:  # fails in the middle of the iterations
+            raise RuntimeError("boom from the cell")
+        return super().forward(x, h)
+
+
+@check(2, 3)
+def check_solve_rank_that_raises(rank, group, P):
+    import time
+
+    bad = P - 1
+    cell = _RaisingCell(rank == bad)
+    x = torch.randn(2, 20, 2, dtype=torch.float64)
+    t = time.perf_counter()
+    with torch.no_grad():
+        try:
+            dsolve(cell, x, group=group, method="newton", jacobian="autograd")
+        except RuntimeError as e:
+            if rank == bad:
+                assert "boom" in str(e), str(e)
+            else:
+                assert isinstance(e, PeerError) and f"rank {bad}" in str(e), str(e)
+        else:
+            raise AssertionError("no error")
+    assert time.perf_counter() - t < 30
+
+
+@check(2, 3)
+def check_solve_mismatch_names_rank(rank, group, P):
+    cell = _cells(1)["gru"]
+    x = torch.randn(2, 9, 2, dtype=torch.float64)
+    bad = P - 1
+    for what, xx in (("dtype", x.float()), ("batch", x[:1]), ("n", x[..., :1])):
+        try:
+            dsolve(cell.float() if what == "dtype" and rank == bad else cell,
+                   xx if rank == bad else x, group=group)
+        except (ValueError, TypeError) as e:
+            assert f"rank {bad}" in str(e) or rank == bad, f"{what}: {e}"
+        else:
+            raise AssertionError(f"mismatched {what} did not raise")
+        cell.double()
+
+
+@check(1, 2, 3)
+def check_sequence_parallel_gru_and_lstm(rank, group, P):
+    from paraseq.distributed import SequenceParallel
+
+    for Mod in (paraseq.nn.GRU, paraseq.nn.LSTM):
+        torch.manual_seed(0)
+        m = Mod(3, 4, num_layers=2, dtype=torch.float64, method="newton", tol=1e-12)
+        T = 31
+        x = torch.randn(T, 2, 3, dtype=torch.float64)
+        ref_m = Mod(3, 4, num_layers=2, dtype=torch.float64, method="sequential")
+        ref_m.load_state_dict(m.state_dict())
+        out, hn = ref_m(x)
+        loss_w = torch.randn(T, 2, 4, generator=torch.Generator().manual_seed(1),
+                             dtype=torch.float64)
+        ((out * loss_w).sum() + (hn[0] if isinstance(hn, tuple) else hn).sum()).backward()
+        lens = split(T, P, "uneven")
+        sp = SequenceParallel(m, group)
+        o, h = sp(piece(x, lens, rank, 0))
+        close(o, piece(out, lens, rank, 0), f"{Mod.__name__} output")
+        for a, b in zip(h if isinstance(h, tuple) else (h,),
+                        hn if isinstance(hn, tuple) else (hn,), strict=True):
+            close(a, b.detach(), f"{Mod.__name__} h_n")
+        # each rank's loss: its slice of the output loss, h_n's term once (on its owner)
+        last = max(r for r in range(P) if lens[r] > 0)
+        hterm = (h[0] if isinstance(h, tuple) else h).sum() if rank == last else 0
+        ((o * piece(loss_w, lens, rank, 0)).sum() + hterm).backward()
+        sp.all_reduce_grads()
+        for (name, p), q in zip(m.named_parameters(), ref_m.parameters(), strict=True):
+            close(p.grad, q.grad, f"{Mod.__name__} grad {name}")
+
+
+@check(2)
+def check_ddp_two_ranks(rank, group, P):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    m = paraseq.nn.GRU(3, 4, dtype=torch.float64, method="newton", tol=1e-12)
+    ref = paraseq.nn.GRU(3, 4, dtype=torch.float64, method="sequential")
+    ref.load_state_dict(m.state_dict())
+    xs = [torch.randn(25, 2, 3, generator=torch.Generator().manual_seed(r),
+                      dtype=torch.float64) for r in range(P)]
+    sum(ref(x)[0].pow(2).sum() for x in xs).backward()  # one process, the sum of the losses
+    ddp = DDP(m, process_group=group)
+    ddp(xs[rank])[0].pow(2).sum().backward()  # each rank its own batch; DDP averages
+    for p, q in zip(m.parameters(), ref.parameters(), strict=True):
+        close(p.grad * P, q.grad, "DDP grad")
+
+
 # -- the harness -----------------------------------------------------------------------------
 
 def _run_checks(rank: int, size: int) -> dict[str, tuple[bool, str]]:

@@ -6,7 +6,8 @@ steps; each returns its rank's slice of the single-process result.
 """
 
 from ._comm import PeerError
+from .nn import SequenceParallel
 from .scan import linear_scan
 from .solve import solve_recurrence
 
-__all__ = ["PeerError", "linear_scan", "solve_recurrence"]
+__all__ = ["PeerError", "SequenceParallel", "linear_scan", "solve_recurrence"]

@@ -47,20 +47,21 @@ def chunk_product(a: Tensor, dense: bool, reverse: bool) -> Tensor:
 
 def dist_scan(comm: Comm, a: Tensor, b: Tensor, x0: Tensor | None, dense: bool, reverse: bool,
               batch: torch.Size, extra: Tensor | None = None, error: BaseException | None = None,
-              what: str = "the scan") -> tuple[Tensor, Tensor, Tensor | None]:
+              what: str = "the scan", spec: tuple | None = None
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The distributed scan without autograd and without input checks (the callers check).
 
     a, b, x0 as ``paraseq.linear_scan`` (x0 read only on the first rank in scan order), with
     full batch shape ``batch``. ``extra``: a few real numbers (k,) gathered in the same
     all-gather (the solvers' residual). ``error``: this rank's local work already failed; it
-    joins the exchange so that every rank raises.
+    joins the exchange so that every rank raises; then a and b may be None, and ``spec``
+    = (D, dtype, device) says what they would have been.
 
     Returns (x (..., T_r, D), c (..., D): the state before this chunk in scan order (x0 or
     zeros on the first rank), the gathered extras (P, k) or None)."""
     P, rank = comm.size, comm.rank
     q = P - 1 - rank if reverse else rank  # position in scan order
-    D = b.shape[-1]
-    dtype = b.dtype
+    D, dtype, device = spec if b is None else (b.shape[-1], b.dtype, b.device)
     rdtype = real_view(torch.zeros((), dtype=dtype)).dtype
     cplx = 2 if dtype.is_complex else 1
     n_e = batch.numel() * D
@@ -89,7 +90,7 @@ def dist_scan(comm: Comm, a: Tensor, b: Tensor, x0: Tensor | None, dense: bool, 
                 prod = prod.expand(*batch, D, D) if dense else prod.expand(*batch, D)
             parts = [] if extra is None else [extra.reshape(-1).to(rdtype)]
             parts.append(real_view(prod.contiguous()).reshape(-1) if prod is not None
-                         else torch.zeros(n_a * cplx, dtype=rdtype, device=b.device))
+                         else torch.zeros(n_a * cplx, dtype=rdtype, device=device))
             parts.append(real_view(e.contiguous()).reshape(-1))
             payload = torch.cat(parts)
         except Exception as exc:
@@ -97,10 +98,11 @@ def dist_scan(comm: Comm, a: Tensor, b: Tensor, x0: Tensor | None, dense: bool, 
     else:
         payload = None
     rows = comm.gather(payload, size, rdtype, error, what)  # (P, size)
-    rows = rows.to(b.device)
+    rows = rows.to(device)
     extras = rows[:, :k] if k else None
     if q == 0:
-        c = (x0.expand(*batch, D).clone() if x0 is not None else b.new_zeros(*batch, D))
+        c = (x0.expand(*batch, D).clone() if x0 is not None else
+             torch.zeros(*batch, D, dtype=dtype, device=device))
         return x, c, extras
     body = rows[:, k:]
 

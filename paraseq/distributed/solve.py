@@ -231,9 +231,14 @@ def _solve(cell, inputs, h0, *, group, method, tol, max_iter, jacobian, on_failu
     h_in = h_first if comm.rank == 0 else h_in.detach()
     try:
         if T:
-            F = evaluate(fc, X, shift(H.to(cell_dtype), h_in.to(cell_dtype)))
+            F = evaluate(fc, X, shift(H.to(cell_dtype), h_in.to(cell_dtype))[:, :T])
         else:  # no rows: F only joins the graph, so that this rank runs the adjoint too
-            F = X.new_zeros(B, 0, D).requires_grad_(fields["grad"])
+            F = X.new_zeros(B, 0, D)
+            if fields["grad"]:  # zero gradients (not None) for the parameters and the inputs
+                for t in (X, h_in, *getattr(cell, "parameters", lambda: ())()):
+                    if t.requires_grad:
+                        F = F + 0 * t.sum()
+                F.requires_grad_(True) if not F.requires_grad else None
         local_r = float(residual_map(H, F.detach().to(work_dtype)).max()) if H.numel() else 0.0
     except Exception as exc:
         error, local_r, F = exc, 0.0, None
@@ -246,7 +251,7 @@ def _solve(cell, inputs, h0, *, group, method, tol, max_iter, jacobian, on_failu
     else:
         info.converged = info.residual <= tol
     if F.requires_grad:
-        adj = _Adjoint(comm, fc, X, shift(H, h_in.to(H.dtype)).detach(), cell_dtype)
+        adj = _Adjoint(comm, fc, X, shift(H, h_in.to(H.dtype))[:, :T].detach(), cell_dtype)
         H = _Implicit.apply(F, H, adj)
     return finish(H)
 
@@ -293,7 +298,7 @@ def _iterate(comm, fc, method, jacobian, X, h_first, h0_all, lengths, tol, max_i
             a = b = None
             local_r = 0.0
             try:
-                Hp = shift(H, h_in)  # (B, T, D)
+                Hp = shift(H, h_in)[:, :T]  # (B, T, D)
                 if T:
                     F, A = _lin(fc, m, source, X, Hp, cell_dtype, 8, None)
                 else:  # an empty chunk: no rows to evaluate
@@ -306,7 +311,8 @@ def _iterate(comm, fc, method, jacobian, X, h_first, h0_all, lengths, tol, max_i
                 error = exc
             x, c, extras = dist_scan(comm, a, b, h_first, dense, False, torch.Size([B]),
                                      extra=torch.tensor([local_r], dtype=work_dtype),
-                                     error=error, what=f"iteration {k}")
+                                     error=error, what=f"iteration {k}",
+                                     spec=(D, work_dtype, X.device))
             r = float("nan") if bool(extras.isnan().any()) else float(extras.max())
             info.residuals.append(r)
             if r <= tol:
@@ -375,7 +381,7 @@ class _Adjoint:
         dense = not fc.diag_exact
         try:
             with torch.no_grad():
-                rows_x = X.reshape(B * T, -1)
+                rows_x = X.reshape(B * T, X.shape[-1])
                 rows_h = Hp.reshape(B * T, D).to(self.cell_dtype)
                 if fc.diag_exact:
                     res = fc.analytic_diag(rows_x, rows_h) if T else None
@@ -397,7 +403,8 @@ class _Adjoint:
             error = exc
         with torch.no_grad():
             nu, nu_in, _ = dist_scan(self.comm, a, b, None, dense, True, torch.Size([B]),
-                                     error=error, what="the adjoint scan")
+                                     error=error, what="the adjoint scan",
+                                     spec=(D, Hp.dtype, Hp.device))
         return g + torch.cat([nu[:, 1:], nu_in.unsqueeze(1)], dim=1)[:, :T]
 
 
