@@ -59,6 +59,7 @@ def piece(t: torch.Tensor, lens: list[int], rank: int, dim: int) -> torch.Tensor
 
 
 def close(x: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    x, ref = x.detach(), ref.detach()
     if x.dtype in (torch.float64, torch.complex128):
         tol = 1e-12 * max(1.0, float(ref.abs().max()) if ref.numel() else 1.0)
     else:
@@ -431,6 +432,32 @@ def check_ddp_two_ranks(rank, group, P):
     ddp(xs[rank])[0].pow(2).sum().backward()  # each rank its own batch; DDP averages
     for p, q in zip(m.parameters(), ref.parameters(), strict=True):
         close(p.grad * P, q.grad, "DDP grad")
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.tensor([[-0.5, 2.0], [-2.0, -0.3]], dtype=torch.float64))
+
+    def forward(self, t, y):
+        return y @ self.A.T + torch.sin(t)
+
+
+@check(1, 2, 3)
+def check_odeint_equals_single_process(rank, group, P):
+    from paraseq.distributed import odeint as dodeint
+
+    f = _Linear()
+    y0 = torch.tensor([[1.0, 0.0], [0.5, -1.0]], dtype=torch.float64)  # (2, 2)
+    t = torch.linspace(0, 3, 41, dtype=torch.float64)
+    for solver in ("newton", "sequential"):
+        ref, rinfo = paraseq.odeint(f, y0, t, solver=solver, tol=1e-12, return_info=True)
+        lens = split(41, P, "uneven" if P > 1 else "even")
+        y, info = dodeint(f, y0, piece(t, lens, rank, 0), group=group, solver=solver, tol=1e-12,
+                          return_info=True)
+        close(y, piece(ref, lens, rank, 0), f"odeint {solver} {lens}")
+        if solver == "newton":
+            assert info.iterations == rinfo.iterations, (info, rinfo)
 
 
 # -- the harness -----------------------------------------------------------------------------

@@ -7,7 +7,8 @@ steps; each returns its rank's slice of the single-process result.
 
 from ._comm import PeerError
 from .nn import SequenceParallel
+from .ode import odeint
 from .scan import linear_scan
 from .solve import solve_recurrence
 
-__all__ = ["PeerError", "SequenceParallel", "linear_scan", "solve_recurrence"]
+__all__ = ["PeerError", "SequenceParallel", "linear_scan", "odeint", "solve_recurrence"]

@@ -56,7 +56,8 @@ PATIENCE = 8  # as paraseq.solve's loop: stop after 8 iterations without halving
 def _describe(f: dict) -> str:
     return (f"batch dims {f['batch']}, input size n = {f['n']}, state sizes {f['sizes']}, "
             f"dtype {f['dtype']}, method {METHODS_CODE[f['method']]!r}, "
-            f"{'with' if f['grad'] else 'without'} gradients")
+            f"{'with' if f['grad'] else 'without'} gradients, init "
+            f"{'given' if f['init'] else 'None'}")
 
 
 METHODS_CODE = ("auto", *DISTRIBUTED_METHODS)
@@ -120,6 +121,7 @@ def solve_recurrence(
     max_iter: int | None = None,
     jacobian: str = "auto",
     on_failure: str = "fallback",
+    init: State | None = None,
     return_info: bool = False,
 ):
     """``paraseq.solve_recurrence`` over a sequence whose time dim is split across the ranks.
@@ -140,6 +142,7 @@ def solve_recurrence(
     iteration. ``on_failure="fallback"`` keeps every step up to the first one (over all ranks)
     whose residual is above tol and finishes sequentially from there, rank after rank;
     ``"raise"`` raises ``ConvergenceError`` on every rank; ``"warn"`` warns on every rank.
+    init: this rank's slice of a first guess (..., T_r, D); default h_t = cell(x_t, 0).
 
     Gradients (to the inputs, h0 on rank 0, and the cell's parameters) are the exact implicit
     ones: the adjoint lambda_t = g_t + J_{t+1}^T lambda_{t+1} is one distributed reverse scan.
@@ -154,16 +157,16 @@ def solve_recurrence(
     naming the rank.
     """
     H, info, _ = _solve(cell, inputs, h0, group=group, method=method, tol=tol,
-                        max_iter=max_iter, jacobian=jacobian, on_failure=on_failure)
+                        max_iter=max_iter, jacobian=jacobian, on_failure=on_failure, init=init)
     return (H, info) if return_info else H
 
 
-def _solve(cell, inputs, h0, *, group, method, tol, max_iter, jacobian, on_failure):
+def _solve(cell, inputs, h0, *, group, method, tol, max_iter, jacobian, on_failure, init=None):
     device = inputs.device if isinstance(inputs, Tensor) else torch.device("cpu")
     comm = Comm(group, "solve_recurrence", device)
     error = None
     fields = {"batch": (), "n": 0, "sizes": (), "dtype": torch.float32, "method": 0,
-              "grad": False}
+              "grad": False, "init": False}
     T = 0
     try:
         _check_args(cell, inputs, method, tol, max_iter, jacobian, on_failure, "implicit")
@@ -177,11 +180,14 @@ def _solve(cell, inputs, h0, *, group, method, tol, max_iter, jacobian, on_failu
             h0 = _default_state(cell, batch, inputs)
         layout = StateLayout.of(h0)
         _check_state_against_cell(cell, layout)
+        if init is not None:
+            init = _as_batch_state(init, layout, batch, "init", inputs, time=T)
         grad = torch.is_grad_enabled() and (
             inputs.requires_grad or layout.flatten(h0).requires_grad
             or any(p.requires_grad for p in getattr(cell, "parameters", lambda: ())()))
         fields = {"batch": tuple(batch), "n": n, "sizes": layout.sizes, "dtype": inputs.dtype,
-                  "method": METHODS_CODE.index(method), "grad": bool(grad)}
+                  "method": METHODS_CODE.index(method), "grad": bool(grad),
+                  "init": init is not None}
     except Exception as exc:
         error = exc
     lengths = comm.check_same(fields, _describe, error, lengths=T)
@@ -223,7 +229,7 @@ def _solve(cell, inputs, h0, *, group, method, tol, max_iter, jacobian, on_failu
         info.converged = True
     else:
         H = _iterate(comm, fc, method, jacobian, X, h_first.detach(), h0_all, lengths,
-                     tol, max_iter, on_failure, cell_dtype, work_dtype, info)
+                     tol, max_iter, on_failure, cell_dtype, work_dtype, info, init)
     # the solution's boundary states (the actual last states, after any fallback), one
     # evaluation at the solution (the reported residual; the implicit gradient's graph)
     h_in = _boundary(comm, H, h0_all, None, "the boundary exchange")
@@ -271,7 +277,7 @@ def _coefficients(method: str, F: Tensor, A: Tensor | None, Hp: Tensor
 
 
 def _iterate(comm, fc, method, jacobian, X, h_first, h0_all, lengths, tol, max_iter,
-             on_failure, cell_dtype, work_dtype, info) -> Tensor:
+             on_failure, cell_dtype, work_dtype, info, init=None) -> Tensor:
     B, T = X.shape[:2]
     D = h0_all.shape[-1]
     T_all = sum(lengths)
@@ -284,8 +290,11 @@ def _iterate(comm, fc, method, jacobian, X, h_first, h0_all, lengths, tol, max_i
     H = None
     with torch.no_grad():
         try:
-            H = _default_init(fc, X, D, cell_dtype).to(work_dtype) if T else \
-                X.new_zeros(B, 0, D, dtype=work_dtype)  # (B, T, D)
+            if init is not None:
+                H = init.detach().to(work_dtype).clone()  # (B, T, D)
+            else:
+                H = _default_init(fc, X, D, cell_dtype).to(work_dtype) if T else \
+                    X.new_zeros(B, 0, D, dtype=work_dtype)  # (B, T, D)
         except Exception as exc:
             error = exc
         h_in = _boundary(comm, H, h0_all, error, "the first guess")
