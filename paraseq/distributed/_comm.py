@@ -59,6 +59,7 @@ class Comm:
         self.device = device
         self.bytes_sent = 0  # payload bytes this rank contributed (for benchmarks)
         self.exchanges = 0
+        self.log: list[tuple[str, int]] = []  # (what, payload bytes) per exchange
 
     def gather(self, payload: Tensor | None, size: int, dtype: torch.dtype,
                error: BaseException | None = None, what: str = "") -> Tensor:
@@ -75,6 +76,7 @@ class Comm:
         dist.all_gather(list(out.unbind(0)), buf, group=self.group)
         self.bytes_sent += size * buf.element_size()
         self.exchanges += 1
+        self.log.append((what, size * buf.element_size()))
         failed = torch.nonzero(out[:, 0] != 0).flatten().tolist()
         if failed:
             self._fail(failed, error, what)
