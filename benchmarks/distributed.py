@@ -9,16 +9,18 @@ of paraseq.cells.GRUCell(2, 4) (dense 4 x 4 Jacobians), float32, batch 1; the ti
 slowest rank's, median of ``--repeats``; the bytes each rank contributed to the all-gathers.
 
 The cost model (per solve; T_r = T / P steps per rank, k iterations):
-    t(P) = (k + 1) * max_r [T_r (L + S (1 + [r > 0]) + M [0 < r < P - 1])] + 2 T_r E
-           + (k + 6) * (alpha_P + bytes * (P - 1) * beta)
-L: linearisation (f and the Jacobian) and the right-hand side per step; S: the local scan
-per step (rank 0 scans once, the others twice: from zero and the fix-up); M: the chunk
-product per step (only ranks strictly inside the order); E: one cell evaluation per step (the
-first guess and the final check); alpha, beta: all-gather latency and inverse bandwidth;
-k + 6 exchanges: one per iteration (k + 1 scans) plus the shape check, h0, the first guess's
-boundary, the solution's boundary and the final residual. L, S, M, E are measured here in
-one process; alpha and beta from all-gathers between the two processes. The same formula
-with other alpha, beta and per-step costs predicts other machines (see ``_predict``).
+    t(P) = (k + 1) * max_r [T_r (L + R + S (1 + [r > 0]) + M [0 < r < P - 1])]
+           + 2 T_r (E + R) + (k + 6) * (alpha_P + bytes * (P - 1) * beta)
+L: linearisation (f and the Jacobian) and the right-hand side per step; R: the residual,
+the clipping of the iterate and the shift per step; S: the local scan per step (rank 0
+scans once, the others twice: from zero and the fix-up); M: the chunk product per step
+(only ranks strictly inside the order); E: one cell evaluation per step (the first guess and
+the final check); alpha, beta: all-gather latency and inverse bandwidth; k + 6 exchanges:
+one per iteration (k + 1 scans) plus the shape check, h0, the first guess's boundary, the
+solution's boundary and the final residual. L, R, S, M, E are measured in the P = 1 process
+right after its solves (the same load); alpha and beta from all-gathers between the two
+processes. The same formula with other alpha, beta and per-step costs predicts other
+machines (see ``_predict``).
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def _job(rank: int, P: int, T: int, repeats: int) -> dict:
         per_iter = [nb for what, nb in comm.log if what.startswith("iteration")]
         out[name] = (statistics.median(times), info.iterations, statistics.mean(per_iter),
                      comm.exchanges)
+    if P == 1:  # the per-step costs, in this process, under the load the solves just saw
+        out["components"] = _components(T, repeats)
     # all-gather latency and bandwidth between the processes
     for n in (1, 1 << 16):
         buf = torch.zeros(n, dtype=torch.float64)
@@ -104,7 +108,7 @@ def _components(T: int, repeats: int) -> dict:
     from paraseq import linear_scan
     from paraseq.distributed.scan import chunk_product
     from paraseq.solve.cell import FlatCell, StateLayout
-    from paraseq.solve.iterate import _lin, evaluate, shift
+    from paraseq.solve.iterate import _lin, _sanitize, evaluate, residual_map, shift
     from paraseq.solve.methods import METHODS
 
     torch.set_num_threads(1)
@@ -138,6 +142,9 @@ def _components(T: int, repeats: int) -> dict:
                           "S": med(lambda A=A, rhs=rhs: linear_scan(A, rhs)),
                           "M": med(lambda A=A, dense=dense: chunk_product(A, dense, False)),
                           "E": med(lambda fc=fc, x=x, Hp=Hp: evaluate(fc, x, Hp)),
+                          "R": med(lambda H=H, F=F: (float(residual_map(H, F).max()),
+                                                     _sanitize(H.clone()),
+                                                     shift(H, H[:, 0]))),
                           "dense": dense, "D": D}
     a = torch.rand(1, T, 16)
     b = torch.randn(1, T, 16)
@@ -148,10 +155,10 @@ def _components(T: int, repeats: int) -> dict:
 def _model(c: dict, T: int, P: int, k: int, alpha: float, beta: float, nbytes: int) -> float:
     """Predicted seconds of one solve (see the module docstring)."""
     Tr = T / P
-    work = max(Tr * (c["L"] + c["S"] * (1 + (r > 0)) + c["M"] * (0 < r < P - 1))
+    work = max(Tr * (c["L"] + c["R"] + c["S"] * (1 + (r > 0)) + c["M"] * (0 < r < P - 1))
                for r in range(P))
     comm = alpha + nbytes * (P - 1) * beta if P > 1 else 0.0
-    return (k + 1) * work + 2 * Tr * c["E"] + (k + 6) * comm
+    return (k + 1) * work + 2 * Tr * (c["E"] + c["R"]) + (k + 6) * comm
 
 
 def _model_scan(c: dict, T: int, P: int, alpha: float, beta: float, nbytes: int) -> float:
@@ -173,7 +180,7 @@ def _predict(comp: dict, T: int, k: int, name: str) -> list[str]:
     for label, P, scale, alpha, beta in (
             ("8 GPUs, NVLink", 8, 0.01, 30e-6, 1 / 150e9),
             ("64 ranks, network", 64, 1.0, 63 * 15e-6, 1 / 12.5e9)):
-        cs = {kk: (v * scale if kk in "LSME" else v) for kk, v in c.items()}
+        cs = {kk: (v * scale if kk in "LSMER" else v) for kk, v in c.items()}
         t1 = _model(cs, T, 1, k, 0, 0, nbytes)
         tP = _model(cs, T, P, k, alpha, beta, nbytes)
         lines.append(f"| {name} | {label} | {P} | {t1 / (P * tP):.2f} |")
@@ -189,9 +196,9 @@ def main() -> int:
     load = os.getloadavg()
     print(f"T = {T:,}; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on "
           f"{os.cpu_count()} cores; torch {torch.__version__}\n")
-    comp = _components(T, args.repeats)
     runs = {P: run_local(_job, P, T, args.repeats, threads=1, timeout_s=3600,
                          collective_timeout_s=1800) for P in (1, 2)}
+    comp = runs[1][0]["components"]
     # the slowest rank's time per P
     alpha = runs[2][0]["gather1"]
     big = runs[2][0]["gather65536"]
@@ -222,7 +229,7 @@ def main() -> int:
               f"{_model(c, T, 2, k2, alpha, beta, model_bytes):.2f} | {k1}/{k2} | "
               f"{per_iter:.0f} / {model_bytes} |")
     print("\nper-step costs (one thread, ns): " + "; ".join(
-        f"{n}: " + ", ".join(f"{kk} {v * 1e9:.0f}" for kk, v in c.items() if kk in "LSME")
+        f"{n}: " + ", ".join(f"{kk} {v * 1e9:.0f}" for kk, v in c.items() if kk in "LSMER")
         for n, c in comp.items()))
     print("\n| work | machine (assumed) | P | predicted efficiency |\n|---|---|---|---|")
     for name in _problems(8):
