@@ -215,6 +215,9 @@ def _pyplot():
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if getattr(args, "distributed", None):  # paraseq.distributed's demo (issue 17)
+        from .distributed.demo import run_demo
+        return run_demo(args.distributed, args.length, args.gru_length, args.seed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -252,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "parallel methods pay while batch * hidden^2 stays small)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-plot", action="store_true", help="print the tables only")
+    demo.add_argument("--distributed", type=int, metavar="N", default=0,
+                      help="spawn N gloo processes and split time across them")
     demo.set_defaults(func=cmd_demo)
     for module in _COMMANDS:
         importlib.import_module(module, __package__).register(sub)
