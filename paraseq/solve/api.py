@@ -321,12 +321,18 @@ def solve_recurrence(
             does not, and finishes from there: by restarting the parallel solve when it got at
             least a quarter of the way (at most 3 restarts), else by the sequential loop. The
             result always satisfies the tolerance. ``"raise"``: ``ConvergenceError``.
-            ``"warn"``: the last iterate, a warning and ``info.converged = False``.
+            ``"warn"``: the last iterate, a warning and ``info.converged = False``; where the
+            cell returned nan or inf, the steps from the first unconverged one are the loop's
+            (so the loop's nan and inf are where the loop has them).
         grad: ``"implicit"``: exact gradients by the adjoint, one reverse scan with the true
             Jacobian at the solution, whatever linearisation the forward used. ``"unrolled"``:
             autograd through exactly ``max_iter`` iterations (the iterations are the model;
             ``on_failure`` does not apply).
         return_info: also return a ``SolveInfo``.
+        on_cost: what happens when a forced parallel method (not ``"auto"``) is estimated
+            (``estimate_cost``) to cost over ``COST_FACTOR`` (100) times the sequential loop
+            and over a second: ``"warn"`` (a RuntimeWarning, then it runs), ``"raise"``
+            (ValueError), ``"ignore"``.
 
     Returns:
         states (..., T, D) (a tuple of (..., T, D_i) for tuple states), in the inputs' dtype;
@@ -346,6 +352,19 @@ def solve_recurrence(
     Under torch.compile the solve runs eagerly (``torch.compiler.disable``; a graph break in
     a compiled caller): its loop stops on a data-dependent test on the host, which Dynamo would
     retrace for every iteration count.
+
+    Higher-order gradients: ``grad="unrolled"`` and ``method="sequential"`` are autograd
+    through the computation, exact to any order (gradient penalties, Hessian-vector products,
+    MAML). ``grad="implicit"`` gives exact first derivatives, also under create_graph=True,
+    and raises a RuntimeError naming those alternatives when differentiated a second time.
+
+    The cell's contract (deterministic, independent rows) is checked after a parallel solve by
+    a probe of 16 rows evaluated twice: a stochastic cell (dropout in training mode) or one
+    that mixes rows gets a RuntimeWarning and the sequential loop instead. A cell that writes
+    into its x or h in place is a ValueError naming it. h0 and init must have the inputs'
+    dtype (a RuntimeError otherwise, as torch.nn.GRUCell). T = 0 returns an empty result on
+    the inputs' graph; batch 0 or a state of size 0 runs the loop; meta tensors return the
+    shapes (one evaluation of the cell); torch.inference_mode works like no_grad.
 
     Mid-iteration nan and inf are reset (nan -> 0, clip to +-1e8, as DEER does); a result is
     accepted only when its residual is under ``tol`` everywhere, so they cannot leak into a
