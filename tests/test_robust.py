@@ -285,3 +285,16 @@ def test_cost_of_a_forced_method_is_estimated():
                                                        solve_api.StateLayout((8,), False)),
                                     torch.device("cpu"))
     assert small[0] < 100 * small[1]  # an ordinary problem passes
+
+
+@pytest.mark.parametrize("layer", ["S4D", "S4"])
+def test_s4_convolution_stays_causal_with_a_nan_input(layer):
+    torch.manual_seed(0)
+    m = getattr(paraseq.nn, layer)(4, 8).double()
+    u = torch.randn(2, 30, 4, dtype=F64)
+    u[0, 10, 1] = math.nan
+    y = m(u)
+    assert torch.isfinite(y[0, :10]).all() and torch.isfinite(y[1]).all()
+    assert y[0, 10:].isnan().any()
+    want = m(u, mode="recurrent")
+    same_pattern(y, want, tol=1e-8)
