@@ -459,7 +459,7 @@ def solve_recurrence(
         info.residual = res.residuals[-1]
         info.converged = info.residual <= tol
         if _contract_broken(fc, X, shift(res.H.detach(), h0_flat.detach()), res.F.detach(),
-                            cell_dtype, name):
+                            cell_dtype, name, info.converged):
             return done(_loop_instead(fc, X, h0_flat, cell_dtype, info))
         return done(res.H)
 
@@ -479,10 +479,11 @@ def solve_recurrence(
     # one evaluation at the solution: the residual that is reported, and, for the implicit
     # gradient, the differentiable f whose backward receives the adjoint (see _Implicit)
     F = evaluate(fc, X, shift(H.to(cell_dtype), h0_flat.to(cell_dtype)))
-    if _contract_broken(fc, X, shift(H, h0_flat).detach(), F.detach(), cell_dtype, name):
-        return done(_loop_instead(fc, X, h0_flat, cell_dtype, info))
     info.residual = float(residual_map(H, F.detach().to(work_dtype)).max())
     info.converged = info.residual <= tol
+    if _contract_broken(fc, X, shift(H, h0_flat).detach(), F.detach(), cell_dtype, name,
+                        info.converged):
+        return done(_loop_instead(fc, X, h0_flat, cell_dtype, info))
     if F.requires_grad:
         adj = _Adjoint(fc, X, shift(H, h0_flat).detach(), cell_dtype, adjoint_chunk_T)
         H = _Implicit.apply(F, H, adj)
@@ -509,14 +510,21 @@ def _solve(fc: FlatCell, m: Method, source: str | None, X: Tensor, h0: Tensor, H
     T = H.shape[1]
     t0 = first_failure(residual_map(H, res.F), tol)
     if on_failure == "warn":
-        if bool(torch.isfinite(res.F).all()):
+        # the cell gave nan or inf at the last iterate, which was reset (nan -> 0) mid-iteration
+        # and would hide them: when the loop from the first unconverged step has them too, it
+        # is returned, so that nan and inf are where the loop has them
+        rest = None
+        if not bool(torch.isfinite(res.F).all()):
+            start = H[:, t0 - 1] if t0 > 0 else h0
+            rest = sequential(fc, X[:, t0:], start, loop_kw["cell_dtype"]).to(H.dtype)
+            if bool(torch.isfinite(rest).all()):
+                rest = None
+        if rest is None:
             warnings.warn(f"solve_recurrence: method={m.name!r} did not converge in "
                           f"{res.iterations} iterations (residual {res.residuals[-1]:.3e} > "
                           f"tol {tol:.1e}); returning the last iterate", RuntimeWarning,
                           stacklevel=3)
             return res.H
-        # the cell gave nan or inf: the iterates were reset (nan -> 0), so the last one would
-        # hide them; the loop from the first unconverged step brings them back where they are
         warnings.warn(f"solve_recurrence: method={m.name!r} did not converge in "
                       f"{res.iterations} iterations: the cell returned nan or inf (first "
                       f"unconverged step {offset + t0}); the steps from there are the "
@@ -524,8 +532,6 @@ def _solve(fc: FlatCell, m: Method, source: str | None, X: Tensor, h0: Tensor, H
                       stacklevel=3)
         info.fell_back = True
         info.fallback_from = offset + t0 if info.fallback_from is None else info.fallback_from
-        start = H[:, t0 - 1] if t0 > 0 else h0
-        rest = sequential(fc, X[:, t0:], start, loop_kw["cell_dtype"]).to(H.dtype)
         return torch.cat([H[:, :t0], rest], dim=1)
     # fallback: keep the prefix that satisfies the tolerance, finish the rest
     info.fell_back = True
@@ -547,7 +553,7 @@ PROBE_ROWS = 16
 
 
 def _contract_broken(fc: FlatCell, X: Tensor, Hp: Tensor, F: Tensor, cell_dtype: torch.dtype,
-                     method: str) -> bool:
+                     method: str, converged: bool = True) -> bool:
     """Whether the cell breaks what a parallel solve relies on, with a warning that says which.
 
     The parallel methods evaluate the cell on all B T rows at once and assume the same rows give
@@ -568,8 +574,11 @@ def _contract_broken(fc: FlatCell, X: Tensor, Hp: Tensor, F: Tensor, cell_dtype:
     x = X.reshape(N, X.shape[-1])[idx]
     h = Hp.reshape(N, D)[idx].to(cell_dtype)
     want = F.reshape(N, D)[idx].to(cell_dtype)
-    with torch.no_grad():
-        p1, p2 = fc(x, h), fc(x, h)  # (k, D)
+    try:
+        with torch.no_grad():
+            p1, p2 = fc(x, h), fc(x, h)  # (k, D)
+    except (RuntimeError, ValueError):  # a cell that takes only whole batches (odeint's): no
+        return False  # probe of a subset; the in-place check has run with the full call
     eps = torch.finfo(cell_dtype).eps
     tol = max(eps ** 0.5, 1e-12)
 
@@ -587,7 +596,8 @@ def _contract_broken(fc: FlatCell, X: Tensor, Hp: Tensor, F: Tensor, cell_dtype:
                       f"Use method='sequential' to silence this, or make the cell "
                       f"deterministic (module.eval())", RuntimeWarning, stacklevel=3)
         return True
-    if far(p1, want):
+    if converged and far(p1, want):  # (far from a solution, a cell's own inner iterations
+        # may round differently on fewer rows: only a converged solve is checked for this)
         warnings.warn(f"solve_recurrence: the cell's rows are not independent: the same rows "
                       f"evaluated alone and within all batch x time rows differ (batch "
                       f"statistics? mixing across the batch?). method={method!r} evaluates all "
