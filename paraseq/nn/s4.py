@@ -133,6 +133,8 @@ class _SSMLayer(nn.Module):
                 k = k[0]  # (H, L)
             y = torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
             y = y + self.D[:, None] * x  # (B, H, L)
+            if not self.bidirectional and not bool(torch.isfinite(y.sum())):
+                y = self._causal_nonfinite(x, y)
         else:
             raise ValueError(f"{type(self).__name__}: mode must be 'convolution' or "
                              f"'recurrent'; got {mode!r}")
@@ -147,6 +149,18 @@ class _SSMLayer(nn.Module):
 
     def _recurrent(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _causal_nonfinite(self, x: Tensor, y: Tensor) -> Tensor:
+        """y with the batch elements whose input holds nan or inf recomputed by the recurrent
+        mode: an FFT spreads one non-finite input over every output, the past included, while
+        the layer is causal (its step mode is non-finite only from that step on). Finite
+        inputs pay one reduction over y."""
+        rows = torch.nonzero(~torch.isfinite(x).flatten(1).all(1)).flatten()  # (M,)
+        if rows.numel() == 0:  # the non-finite values came from the kernel or an overflow
+            return y
+        y = y.clone()
+        y[rows] = self._recurrent(x[rows]).to(y.dtype)
+        return y
 
     def setup_step(self) -> None:
         """Prepare the recurrent mode from the current parameters (call again after they

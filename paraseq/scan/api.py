@@ -139,7 +139,10 @@ class _LinearScan(torch.autograd.Function):
     @staticmethod
     def forward(a: Tensor, b: Tensor, x0: Tensor | None, dense: bool, reverse: bool,
                 backend: str) -> Tensor:
-        return BACKENDS[backend].fn(a, b, x0, dense=dense, reverse=reverse)
+        out = BACKENDS[backend].fn(a, b, x0, dense=dense, reverse=reverse)
+        if backend != "sequential":
+            out = _loop_where_nonfinite(out, a, b, x0, dense, reverse)
+        return out
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -188,6 +191,33 @@ class _LinearScan(torch.autograd.Function):
             rhs = rhs + apply(da, _shifted_states(x, x0, ctx.reverse), dense)
         return linear_scan(a, rhs, dx0 if ctx.has_x0 else None, reverse=ctx.reverse,
                            backend=ctx.backend, structure="dense" if dense else "diagonal")
+
+
+def _loop_where_nonfinite(out: Tensor, a: Tensor, b: Tensor, x0: Tensor | None, dense: bool,
+                          reverse: bool) -> Tensor:
+    """The loop's result wherever a scan's result is not finite.
+
+    A tree or chunked scan multiplies coefficients the loop never multiplies (a_j a_i, a_j b_i),
+    so once a nan or inf is in play it can produce nan where the loop has inf, or nan where the
+    loop stays finite (inf * 0 in a product of coefficients). One reduction over the result
+    (a sum: nan and inf survive it) finds out; only the batch elements whose result holds a
+    non-finite value are then computed again by the sequential loop, so the positions of nan
+    and inf, and every finite value, are the loop's. Finite results pay the one reduction.
+    """
+    if out.numel() == 0 or bool(torch.isfinite(out.sum())):
+        return out
+    T, D = out.shape[-2], out.shape[-1]
+    batch = out.shape[:-2]
+    flat = out.reshape(-1, T, D)  # (N, T, D), a view of the fresh result
+    rows = torch.nonzero(~torch.isfinite(flat).all(-1).all(-1)).flatten()  # (M,)
+    if rows.numel() == 0:  # the sum overflowed; every value is finite
+        return out
+    a_rows = (a.expand(*batch, T, D, D) if dense else a.expand(*batch, T, D)).reshape(
+        -1, *a.shape[-3 if dense else -2:])[rows]  # (M, T, D[, D])
+    b_rows = b.expand(*batch, T, D).reshape(-1, T, D)[rows]  # (M, T, D)
+    x0_rows = None if x0 is None else x0.expand(*batch, D).reshape(-1, D)[rows]  # (M, D)
+    flat[rows] = sequential_scan(a_rows, b_rows, x0_rows, dense=dense, reverse=reverse)
+    return flat.reshape(out.shape) if flat.data_ptr() != out.data_ptr() else out
 
 
 def _shifted_states(x: Tensor, x0: Tensor | None, reverse: bool) -> Tensor:
@@ -344,8 +374,10 @@ def linear_scan(
             f", x0 {tuple(x0.shape)}" if x0 is not None else "")
         raise ValueError(f"linear_scan: the leading (batch) dims of a, b and x0 must broadcast "
                          f"against each other; got {shapes}") from None
-    if T == 0:
-        return torch.empty((*batch, 0, D), dtype=dtype, device=b.device)
+    if T == 0:  # empty, but on the inputs' graph: backward gives them zero gradients
+        a_part = a[..., :0, :, :].sum(-1) if dense else a[..., :0, :]
+        out = torch.zeros((*batch, 0, D), dtype=dtype, device=b.device) + a_part + b
+        return out if x0 is None else out + x0.unsqueeze(-2)[..., :0, :]
 
     name = backend
     if name == "auto":

@@ -45,6 +45,8 @@ def chunked_scan(
     reverse: bool = False,
     chunk: int | None = None,
 ) -> Tensor:
+    if x0 is None:  # a zero start, not none: the loop's 0 * a_1 keeps a nan or inf of a_1
+        x0 = b.new_zeros(b.shape[-1])  # (D,), broadcast
     if reverse:
         return chunked_scan(flip_time(a, dense), b.flip(-2), x0, dense=dense,
                             chunk=chunk).flip(-2)
@@ -69,10 +71,7 @@ def chunked_scan(
         P = compose(a_at(c), P, dense)
     # 2. the state at the end of every chunk
     carry = _odd_even(P, L, x0, dense)  # (..., n, D)
-    if x0 is None:
-        start = torch.zeros((*carry.shape[:-2], 1, D), dtype=b.dtype, device=b.device)
-    else:
-        start = x0.expand(*carry.shape[:-2], D).unsqueeze(-2)
+    start = x0.expand(*carry.shape[:-2], D).unsqueeze(-2)
     prev = torch.cat([start, carry[..., :-1, :]], dim=-2)  # (..., n, D): state before each chunk
     # 3. fill in every state
     out = torch.empty((*batch, T, D), dtype=b.dtype, device=b.device)  # (..., T, D)

@@ -100,7 +100,8 @@ def triton_scan(a: Tensor, b: Tensor, x0: Tensor | None, *, dense: bool,
     batch = batch_shape_of(a, b, x0, dense)
     a_r = _rows(a, batch, (T, D))  # (N, T, D)
     b_r = _rows(b, batch, (T, D))  # (N, T, D)
-    x0_r = None if x0 is None else _rows(x0, batch, (D,))  # (N, D)
+    # a zero start, not none: the loop's 0 * a_1 keeps a nan or inf of a_1
+    x0_r = _rows(b.new_zeros(D) if x0 is None else x0, batch, (D,))  # (N, D)
     N = a_r.shape[0]
     x = torch.empty_like(b_r)  # (N, T, D)
     if N == 0:

@@ -53,6 +53,8 @@ def _odd_even(a: Tensor, b: Tensor, x0: Tensor | None, dense: bool) -> Tensor:
 def parallel_scan(
     a: Tensor, b: Tensor, x0: Tensor | None, *, dense: bool, reverse: bool = False
 ) -> Tensor:
+    if x0 is None:  # a zero start, not none: the loop's 0 * a_1 keeps a nan or inf of a_1
+        x0 = b.new_zeros(b.shape[-1])  # (D,), broadcast
     if reverse:
         out = _odd_even(flip_time(a, dense), b.flip(-2), x0, dense).flip(-2)
     else:

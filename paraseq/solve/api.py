@@ -7,6 +7,7 @@ D state size (summed over the tensors of a tuple state).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -254,6 +255,10 @@ def _as_batch_state(state: State, layout: StateLayout, batch: torch.Size, what: 
                              f"{inputs.device}")
         if not p.is_floating_point():
             raise TypeError(f"solve_recurrence: {what} must be floating point; got {p.dtype}")
+        if p.dtype != inputs.dtype:  # as torch.nn.GRUCell, which refuses to mix them
+            raise RuntimeError(f"solve_recurrence: {what} and inputs must have the same dtype, "
+                               f"but got {p.dtype} for {what} and {inputs.dtype} for inputs; "
+                               f"convert one of them (e.g. {what}.to(inputs.dtype))")
         lead = p.shape[:-1] if time is None else p.shape[:-2]
         if time is not None and (p.dim() < 2 or p.shape[-2] != time):
             raise ValueError(f"solve_recurrence: {what} must have shape (..., T, D) with T = "
@@ -286,6 +291,7 @@ def solve_recurrence(
     return_info: bool = False,
     hutchinson_samples: int = 8,
     generator: torch.Generator | None = None,
+    on_cost: str = "warn",
 ) -> State | tuple[State, SolveInfo]:
     """The states of h_t = cell(x_t, h_{t-1}), t = 1..T, computed in parallel over T.
 
@@ -315,12 +321,18 @@ def solve_recurrence(
             does not, and finishes from there: by restarting the parallel solve when it got at
             least a quarter of the way (at most 3 restarts), else by the sequential loop. The
             result always satisfies the tolerance. ``"raise"``: ``ConvergenceError``.
-            ``"warn"``: the last iterate, a warning and ``info.converged = False``.
+            ``"warn"``: the last iterate, a warning and ``info.converged = False``; where the
+            cell returned nan or inf, the steps from the first unconverged one are the loop's
+            (so the loop's nan and inf are where the loop has them).
         grad: ``"implicit"``: exact gradients by the adjoint, one reverse scan with the true
             Jacobian at the solution, whatever linearisation the forward used. ``"unrolled"``:
             autograd through exactly ``max_iter`` iterations (the iterations are the model;
             ``on_failure`` does not apply).
         return_info: also return a ``SolveInfo``.
+        on_cost: what happens when a forced parallel method (not ``"auto"``) is estimated
+            (``estimate_cost``) to cost over ``COST_FACTOR`` (100) times the sequential loop
+            and over a second: ``"warn"`` (a RuntimeWarning, then it runs), ``"raise"``
+            (ValueError), ``"ignore"``.
 
     Returns:
         states (..., T, D) (a tuple of (..., T, D_i) for tuple states), in the inputs' dtype;
@@ -341,12 +353,28 @@ def solve_recurrence(
     a compiled caller): its loop stops on a data-dependent test on the host, which Dynamo would
     retrace for every iteration count.
 
+    Higher-order gradients: ``grad="unrolled"`` and ``method="sequential"`` are autograd
+    through the computation, exact to any order (gradient penalties, Hessian-vector products,
+    MAML). ``grad="implicit"`` gives exact first derivatives, also under create_graph=True,
+    and raises a RuntimeError naming those alternatives when differentiated a second time.
+
+    The cell's contract (deterministic, independent rows) is checked after a parallel solve by
+    a probe of 16 rows evaluated twice: a stochastic cell (dropout in training mode) or one
+    that mixes rows gets a RuntimeWarning and the sequential loop instead. A cell that writes
+    into its x or h in place is a ValueError naming it. h0 and init must have the inputs'
+    dtype (a RuntimeError otherwise, as torch.nn.GRUCell). T = 0 returns an empty result on
+    the inputs' graph; batch 0 or a state of size 0 runs the loop; meta tensors return the
+    shapes (one evaluation of the cell); torch.inference_mode works like no_grad.
+
     Mid-iteration nan and inf are reset (nan -> 0, clip to +-1e8, as DEER does); a result is
     accepted only when its residual is under ``tol`` everywhere, so they cannot leak into a
     returned result unless the sequential loop itself produces them. bfloat16 and float16
     inputs run the cell in their dtype and everything else in float32.
     """
     _check_args(cell, inputs, method, tol, max_iter, jacobian, on_failure, grad)
+    if on_cost not in ON_COST:
+        raise ValueError(f"solve_recurrence: on_cost must be one of "
+                         f"{', '.join(repr(o) for o in ON_COST)}; got {on_cost!r}")
     T, n = inputs.shape[-2], inputs.shape[-1]
     batch = inputs.shape[:-2]
     B = math.prod(batch)
@@ -380,8 +408,19 @@ def solve_recurrence(
         states = finish(H)
         return (states, info) if return_info else states
 
-    if T == 0:
-        return done(h0_flat.new_zeros(B, 0, D))
+    held = _held_tensors(cell)
+    if T == 0:  # empty, but on the graph of inputs, h0 and the cell's tensors (zero gradients)
+        H = h0_flat.unsqueeze(1)[:, :0] + X[:, :0].sum(-1, keepdim=True).to(work_dtype)
+        for p in held:
+            H = H + p.flatten()[:0].sum().to(work_dtype)
+        return done(H)
+    if inputs.device.type == "meta":  # shapes only: one evaluation of the cell, no iteration
+        info.method = "sequential"
+        return done(evaluate(fc, X, h0_flat.to(cell_dtype).unsqueeze(1).expand(B, T, D)))
+    if B == 0 or D == 0:  # nothing to solve for: the loop (autograd through it) is exact
+        name = "sequential"
+        info.method = "sequential"
+        m = METHODS[name]
     route = _compiled_route(cell, method, name, X, grad, init, jacobian)
     if route is not None:
         H, routed = _run_compiled(cell, route, X, h0_flat, layout, tol, max_iter, on_failure)
@@ -396,6 +435,8 @@ def solve_recurrence(
         H = sequential(fc, X, h0_flat, cell_dtype)
         info.converged, info.residual = True, 0.0
         return done(H)
+    if method != "auto":
+        _check_cost(name, B, T, D, n, fc, inputs.device, jacobian, on_cost)
 
     source = resolve_jacobian(m, jacobian, fc)
     info.jacobian = source
@@ -409,15 +450,10 @@ def solve_recurrence(
     else:
         with torch.no_grad():
             H0 = _default_init(fc, X, D, cell_dtype).to(work_dtype)
-    dense_bytes = B * D * D * torch.finfo(work_dtype).bits // 8 * 4  # J, A*h and scan buffers
-    # compact Jacobians: k x k blocks take k / D of the dense bytes (k <= 4 assumed), a
-    # diagonal 1 / D; damped_newton always forms the dense matrix
-    block_bytes = dense_bytes * 4 // D
+    dense_bytes, block_bytes = _jacobian_bytes(B, D, work_dtype)
     blocks_fwd = fc.has_blocks and source == "analytic" and name != "damped_newton"
     chunk_T = max(1, DENSE_MEMORY_LIMIT // max(block_bytes if blocks_fwd else dense_bytes, 1))
-    adjoint_bytes = dense_bytes // D if fc.diag_exact else \
-        block_bytes if fc.has_blocks else dense_bytes
-    adjoint_chunk_T = max(1, DENSE_MEMORY_LIMIT // max(adjoint_bytes, 1))
+    adjoint_chunk_T = _adjoint_chunk(B, D, fc, work_dtype)
     loop_kw = dict(tol=tol, cell_dtype=cell_dtype, samples=hutchinson_samples,
                    generator=generator)
 
@@ -426,6 +462,9 @@ def solve_recurrence(
         info.iterations, info.residuals = res.iterations, res.residuals
         info.residual = res.residuals[-1]
         info.converged = info.residual <= tol
+        if _contract_broken(fc, X, shift(res.H.detach(), h0_flat.detach()), res.F.detach(),
+                            cell_dtype, name, info.converged):
+            return done(_loop_instead(fc, X, h0_flat, cell_dtype, info))
         return done(res.H)
 
     with torch.no_grad():
@@ -446,6 +485,9 @@ def solve_recurrence(
     F = evaluate(fc, X, shift(H.to(cell_dtype), h0_flat.to(cell_dtype)))
     info.residual = float(residual_map(H, F.detach().to(work_dtype)).max())
     info.converged = info.residual <= tol
+    if _contract_broken(fc, X, shift(H, h0_flat).detach(), F.detach(), cell_dtype, name,
+                        info.converged):
+        return done(_loop_instead(fc, X, h0_flat, cell_dtype, info))
     if F.requires_grad:
         adj = _Adjoint(fc, X, shift(H, h0_flat).detach(), cell_dtype, adjoint_chunk_T)
         H = _Implicit.apply(F, H, adj)
@@ -468,15 +510,34 @@ def _solve(fc: FlatCell, m: Method, source: str | None, X: Tensor, h0: Tensor, H
             f"with residual {res.residuals[-1]:.3e} > tol {tol:.1e}; use on_failure='fallback' "
             f"to finish sequentially from the first unconverged step, raise max_iter, or try "
             f"method='damped_newton'", res.iterations, res.residuals[-1], info)
-    if on_failure == "warn":
-        warnings.warn(f"solve_recurrence: method={m.name!r} did not converge in "
-                      f"{res.iterations} iterations (residual {res.residuals[-1]:.3e} > tol "
-                      f"{tol:.1e}); returning the last iterate", RuntimeWarning, stacklevel=3)
-        return res.H
-    # fallback: keep the prefix that satisfies the tolerance, finish the rest
     H = res.H
     T = H.shape[1]
     t0 = first_failure(residual_map(H, res.F), tol)
+    if on_failure == "warn":
+        # the cell gave nan or inf at the last iterate, which was reset (nan -> 0) mid-iteration
+        # and would hide them: when the loop from the first unconverged step has them too, it
+        # is returned, so that nan and inf are where the loop has them
+        rest = None
+        if not bool(torch.isfinite(res.F).all()):
+            start = H[:, t0 - 1] if t0 > 0 else h0
+            rest = sequential(fc, X[:, t0:], start, loop_kw["cell_dtype"]).to(H.dtype)
+            if bool(torch.isfinite(rest).all()):
+                rest = None
+        if rest is None:
+            warnings.warn(f"solve_recurrence: method={m.name!r} did not converge in "
+                          f"{res.iterations} iterations (residual {res.residuals[-1]:.3e} > "
+                          f"tol {tol:.1e}); returning the last iterate", RuntimeWarning,
+                          stacklevel=3)
+            return res.H
+        warnings.warn(f"solve_recurrence: method={m.name!r} did not converge in "
+                      f"{res.iterations} iterations: the cell returned nan or inf (first "
+                      f"unconverged step {offset + t0}); the steps from there are the "
+                      f"sequential loop's, non-finite values included", RuntimeWarning,
+                      stacklevel=3)
+        info.fell_back = True
+        info.fallback_from = offset + t0 if info.fallback_from is None else info.fallback_from
+        return torch.cat([H[:, :t0], rest], dim=1)
+    # fallback: keep the prefix that satisfies the tolerance, finish the rest
     info.fell_back = True
     info.fallback_from = offset + t0 if info.fallback_from is None else info.fallback_from
     start = H[:, t0 - 1] if t0 > 0 else h0
@@ -491,11 +552,146 @@ def _solve(fc: FlatCell, m: Method, source: str | None, X: Tensor, h0: Tensor, H
     return torch.cat([H[:, :t0], rest], dim=1)
 
 
+PROBE_ROWS = 16
+"""Rows of the probe that checks a cell's contract after a parallel solve (``_contract_broken``)."""
+
+
+def _contract_broken(fc: FlatCell, X: Tensor, Hp: Tensor, F: Tensor, cell_dtype: torch.dtype,
+                     method: str, converged: bool = True) -> bool:
+    """Whether the cell breaks what a parallel solve relies on, with a warning that says which.
+
+    The parallel methods evaluate the cell on all B T rows at once and assume the same rows give
+    the same values however they are batched and however often they are evaluated. A probe
+    evaluates up to ``PROBE_ROWS`` of those rows (a strict subset, spread over batch and time)
+    twice, under no_grad: two probes that differ mean a stochastic cell (dropout in training
+    mode, noise): an implicit gradient would re-sample it and not be the gradient of the
+    trajectory returned. A probe that differs from the same rows of the full evaluation F
+    means a cell that mixes rows (batch statistics, attention across the batch): the parallel
+    result is not the loop's. Either way the caller gets a warning and the sequential loop
+    (``_loop_instead``). The cost: two cell calls on 16 rows."""
+    B, T, D = Hp.shape
+    N = B * T
+    if N < 2 or D == 0:
+        return False
+    k = min(PROBE_ROWS, N // 2)
+    idx = torch.linspace(0, N - 1, k, device=X.device).round().long()  # (k,)
+    x = X.reshape(N, X.shape[-1])[idx]
+    h = Hp.reshape(N, D)[idx].to(cell_dtype)
+    want = F.reshape(N, D)[idx].to(cell_dtype)
+    try:
+        with torch.no_grad():
+            p1, p2 = fc(x, h), fc(x, h)  # (k, D)
+    except (RuntimeError, ValueError):  # a cell that takes only whole batches (odeint's): no
+        return False  # probe of a subset; the in-place check has run with the full call
+    eps = torch.finfo(cell_dtype).eps
+    tol = max(eps ** 0.5, 1e-12)
+
+    def far(u: Tensor, v: Tensor) -> bool:  # beyond rounding, nan-aware (nan == nan here)
+        both_nan = u.isnan() & v.isnan()
+        d = ((u - v).abs() > tol * (1 + v.abs())) | (u.isnan() ^ v.isnan())
+        return bool((d & ~both_nan).any())
+
+    if far(p1, p2):
+        warnings.warn(f"solve_recurrence: the cell is not deterministic: two evaluations on the "
+                      f"same inputs differ (dropout in training mode, or noise?). A parallel "
+                      f"method={method!r} and its implicit gradient evaluate the cell many "
+                      f"times, so their result would not be one sample of the model; running "
+                      f"the sequential loop instead (the gradient is autograd's through it). "
+                      f"Use method='sequential' to silence this, or make the cell "
+                      f"deterministic (module.eval())", RuntimeWarning, stacklevel=3)
+        return True
+    if converged and far(p1, want):  # (far from a solution, a cell's own inner iterations
+        # may round differently on fewer rows: only a converged solve is checked for this)
+        warnings.warn(f"solve_recurrence: the cell's rows are not independent: the same rows "
+                      f"evaluated alone and within all batch x time rows differ (batch "
+                      f"statistics? mixing across the batch?). method={method!r} evaluates all "
+                      f"time steps as one batch, which such a cell does not allow; running the "
+                      f"sequential loop instead. Use method='sequential' to silence this",
+                      RuntimeWarning, stacklevel=3)
+        return True
+    return False
+
+
+def _loop_instead(fc: FlatCell, X: Tensor, h0: Tensor, cell_dtype: torch.dtype,
+                  info: SolveInfo) -> Tensor:
+    """The sequential loop, with autograd through it, after ``_contract_broken``."""
+    H = sequential(fc, X, h0, cell_dtype)
+    info.method, info.fell_back, info.fallback_from = "sequential", True, 0
+    info.converged, info.residual = True, 0.0
+    return H
+
+
+COST_FACTOR = 100.0
+"""``on_cost`` acts when a forced parallel method's estimated cost is over this many times the
+sequential loop's (and over ``COST_MIN_SECONDS``)."""
+COST_MIN_SECONDS = 1.0
+_FLOPS = {"cpu": 1e10, "cuda": 1e13}  # rough sustained rates, flop/s
+_STEP_SECONDS = {"cpu": 30e-6, "cuda": 100e-6}  # the loop's fixed cost per step
+ON_COST = ("warn", "raise", "ignore")
+
+
+def _cell_flops(cell: Callable, n: int, D: int) -> float:
+    """Flops of one cell call per row: 2 per parameter of a module (a dense layer's), else a
+    dense layer's guess 2 D (n + D)."""
+    params = sum(p.numel() for p in getattr(cell, "parameters", lambda: ())())
+    return float(2 * params if params else 2 * D * (n + D))
+
+
+def estimate_cost(name: str, B: int, T: int, D: int, n: int, fc: FlatCell,
+                  device: torch.device, jacobian: str = "auto") -> tuple[float, float]:
+    """Seconds, roughly: (a lower bound on a parallel method's solve, the sequential loop).
+
+    A lower bound: two iterations (Newton needs at least that), each one cell evaluation over
+    the B T rows, its Jacobian (autograd: D backward passes, about 3 evaluations each; analytic:
+    about D^2 per row) and the scan (dense: the tree's matrix products, about 4 D^3 per step;
+    diagonal, identity: about 8 D; damped_newton's block tridiagonal solves are like dense).
+    The loop: T steps of its fixed per-step cost plus one evaluation over B rows each. The
+    rates are rough (``_FLOPS``, ``_STEP_SECONDS``): the estimate tells a day from a second,
+    not 2x from 3x."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    c = _cell_flops(fc.cell, n, D)
+    m = METHODS[name]
+    rows = B * T
+    if m.structure in ("dense", "diagonal"):
+        if jacobian == "hutchinson":
+            jac = 8 * 3 * c
+        else:
+            analytic = (fc.has_full or fc.has_blocks or fc.has_diag) and jacobian != "autograd"
+            jac = D * D * 4.0 if analytic else D * 3 * c
+        dense = m.structure == "dense" and not (fc.has_blocks and name != "damped_newton")
+        scan = 4.0 * D ** 3 if dense else 8.0 * D
+    else:
+        jac, scan = 0.0, 8.0 * D
+    parallel = 2 * rows * (c + jac + scan) / _FLOPS[kind]
+    loop = T * (_STEP_SECONDS[kind] + B * c / _FLOPS[kind])
+    return parallel, loop
+
+
+def _check_cost(name: str, B: int, T: int, D: int, n: int, fc: FlatCell, device: torch.device,
+                jacobian: str, on_cost: str) -> None:
+    if on_cost == "ignore" or device.type not in ("cpu", "cuda"):
+        return
+    parallel, loop = estimate_cost(name, B, T, D, n, fc, device, jacobian)
+    if parallel < COST_MIN_SECONDS or parallel < COST_FACTOR * loop:
+        return
+    msg = (f"solve_recurrence: method={name!r} on this problem (batch {B}, T = {T}, D = {D}) "
+           f"is estimated to take at least {parallel:.3g} s, {parallel / loop:.3g}x the "
+           f"sequential loop's {loop:.3g} s (its Jacobians and scans grow as D^2 to D^3 per "
+           f"step); use method='auto' or 'sequential', or on_cost='ignore' to run it anyway")
+    if on_cost == "raise":
+        raise ValueError(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
 class _Adjoint:
     """lambda_t = g_t + J_{t+1}^T lambda_{t+1}, with J the true Jacobian at the solution,
-    solved by reverse dense scans over time chunks (from the last chunk back)."""
+    solved by reverse dense scans over time chunks (from the last chunk back).
 
-    def __init__(self, fc: FlatCell, X: Tensor, Hp: Tensor, cell_dtype: torch.dtype,
+    ``__call__`` is the first-order adjoint (no graph); ``differentiable`` the same lambda as
+    differentiable torch ops of g and of the solution itself, for backward passes that build a
+    graph (create_graph=True: gradient penalties, Hessian-vector products, MAML)."""
+
+    def __init__(self, fc: FlatCell, X: Tensor, Hp: Tensor | None, cell_dtype: torch.dtype,
                  chunk_T: int):
         self.fc, self.X, self.Hp, self.cell_dtype, self.chunk_T = fc, X, Hp, cell_dtype, chunk_T
         self.diagonal = fc.diag_exact
@@ -510,7 +706,7 @@ class _Adjoint:
         with torch.no_grad():
             for e in range(T, 0, -self.chunk_T):
                 s = max(0, e - self.chunk_T)
-                rows_x = X[:, s:e].reshape(B * (e - s), -1)
+                rows_x = X[:, s:e].reshape(B * (e - s), X.shape[-1])
                 rows_h = Hp[:, s:e].reshape(B * (e - s), D).to(self.cell_dtype)
                 blocks = fc.analytic_blocks(rows_x, rows_h) if self.blocks else None
                 if self.diagonal:  # J = diag(d): J^T = J, an elementwise reverse scan
@@ -548,15 +744,98 @@ class _Adjoint:
 class _Implicit(torch.autograd.Function):
     """Returns the solution H; its backward hands the adjoint lambda to F = f(x, shift(H)),
     whose own autograd graph then yields the gradients for the inputs, h0 (through the first
-    step) and every parameter of the cell, closed-over tensors included."""
+    step) and every parameter of the cell, closed-over tensors included.
+
+    A backward that builds a graph (create_graph=True) gets the same first derivatives, but
+    lambda then carries a node that refuses to be differentiated (``_FirstOrderOnly``): the
+    adjoint state depends on the inputs and parameters through the solution, which this
+    backward does not differentiate, so a second derivative would be silently wrong. The
+    error says what to use instead (grad="unrolled", or method="sequential")."""
 
     @staticmethod
-    def forward(ctx, F: Tensor, H: Tensor, adjoint: _Adjoint) -> Tensor:
+    def forward(ctx, F: Tensor, H: Tensor, adjoint: _Adjoint, *anchors: Tensor) -> Tensor:
         ctx.adjoint = adjoint
         ctx.f_dtype = F.dtype
-        return H.clone()
+        ctx.n_anchors = len(anchors)
+        out = H.clone()
+        ctx.save_for_backward(out)
+        return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):
-        return ctx.adjoint(g).to(ctx.f_dtype), None, None
+        rest = (None,) * ctx.n_anchors
+        with torch.no_grad():
+            lam = ctx.adjoint(g.detach()).to(ctx.f_dtype)
+        if torch.is_grad_enabled():  # create_graph=True: first order only, and say so
+            (out,) = ctx.saved_tensors
+            lam = _FirstOrderOnly.apply(lam, out)
+        return (lam, None, None, *rest)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes lambda on; differentiating it raises (see ``_Implicit``)."""
+
+    @staticmethod
+    def forward(ctx, lam: Tensor, anchor: Tensor) -> Tensor:
+        return lam.clone()
+
+    @staticmethod
+    def backward(ctx, _g: Tensor):
+        raise RuntimeError(
+            "solve_recurrence: a second derivative through grad='implicit' (a gradient "
+            "penalty, a Hessian-vector product, MAML) is not supported by the implicit adjoint, "
+            "which gives exact first derivatives only; use grad='unrolled' (autograd through "
+            "the iterations, exact to any order) or method='sequential'")
+
+
+def _held_tensors(cell: Callable) -> list[Tensor]:
+    """The tensors requiring grad that a cell holds: an nn.Module's parameters (or those of the
+    module a bound method belongs to), or the tensors and modules in a function's closure or a
+    functools.partial's arguments. The implicit backward that builds a graph takes them as
+    explicit inputs (see ``_Implicit``)."""
+    found: list[Tensor] = []
+
+    def add(obj: object, depth: int = 0) -> None:
+        if isinstance(obj, Tensor):
+            if obj.requires_grad:
+                found.append(obj)
+        elif isinstance(obj, torch.nn.Module):
+            found.extend(p for p in obj.parameters() if p.requires_grad)
+        elif isinstance(obj, functools.partial) and depth < 2:
+            add(obj.func, depth + 1)
+            for v in (*obj.args, *obj.keywords.values()):
+                add(v, depth + 1)
+        elif depth < 2 and callable(obj):
+            owner = getattr(obj, "__self__", None)
+            if owner is not None:
+                add(owner, depth + 1)
+            for c in getattr(obj, "__closure__", None) or ():
+                try:
+                    add(c.cell_contents, depth + 1)
+                except ValueError:  # an empty closure cell
+                    pass
+        elif isinstance(obj, (tuple, list)) and depth < 2:
+            for v in obj:
+                add(v, depth + 1)
+
+    add(cell)
+    unique, seen = [], set()
+    for t in found:
+        if id(t) not in seen:
+            seen.add(id(t))
+            unique.append(t)
+    return unique
+
+
+def _jacobian_bytes(B: int, D: int, dtype: torch.dtype) -> tuple[int, int]:
+    """Bytes per time step of the dense Jacobians (J, A*h and the scan's buffers) and of
+    compact k x k blocks (k <= 4 assumed: k / D of the dense bytes)."""
+    dense = B * D * D * torch.finfo(dtype).bits // 8 * 4
+    return dense, dense * 4 // max(D, 1)
+
+
+def _adjoint_chunk(B: int, D: int, fc: FlatCell, dtype: torch.dtype) -> int:
+    """Time steps per chunk of the implicit gradient's adjoint scans (``DENSE_MEMORY_LIMIT``)."""
+    dense, block = _jacobian_bytes(B, D, dtype)
+    need = dense // max(D, 1) if fc.diag_exact else block if fc.has_blocks else dense
+    return max(1, DENSE_MEMORY_LIMIT // max(need, 1))

@@ -107,6 +107,21 @@ class StateLayout:
                                 f"state of dtype {dtype}; the cell must keep the state's dtype")
 
 
+def _versions(x: Tensor, h: Tensor) -> tuple[int, int]:
+    """The version counters of x and h (torch bumps them on every in-place write; inference
+    tensors have none)."""
+    return (0 if x.is_inference() else x._version, 0 if h.is_inference() else h._version)
+
+
+def in_place_message(cell: Callable) -> str:
+    name = getattr(cell, "__qualname__", None) or type(cell).__name__
+    return (f"solve_recurrence: the cell {name} modified its input x or state h in place "
+            f"(an in-place op such as h.mul_(...), h += ..., or h[...] = ...); paraseq evaluates "
+            f"the cell on every time step at once, keeps its arguments and differentiates it, so "
+            f"the cell must return a new tensor and leave x and h as they are: write "
+            f"h = h * ... or h = h + ... instead")
+
+
 class FlatCell:
     """``f(x, h_flat) -> h_new_flat`` over rows, with Jacobians by protocol or torch.func."""
 
@@ -120,7 +135,15 @@ class FlatCell:
         self.has_blocks = callable(getattr(cell, "forward_with_jacobian_blocks", None))
 
     def __call__(self, x: Tensor, h: Tensor) -> Tensor:  # (N, n), (N, D) -> (N, D)
-        out = self.cell(x, self.layout.unflatten(h))
+        versions = _versions(x, h)
+        try:
+            out = self.cell(x, self.layout.unflatten(h))
+        except RuntimeError as err:  # autograd refuses in-place writes to a leaf it tracks
+            if "in-place operation" in str(err) and "leaf" in str(err):
+                raise ValueError(in_place_message(self.cell)) from err
+            raise
+        if versions != _versions(x, h):
+            raise ValueError(in_place_message(self.cell))
         if not self.checked:
             self.layout.check_output(out, h.shape[0], h.dtype)
             self.checked = True
@@ -168,7 +191,12 @@ class FlatCell:
         autograd graph (grad="unrolled") the result stays differentiable.
         """
         K, N, D = cotangents.shape
-        differentiable = torch.is_grad_enabled() and (h.requires_grad or x.requires_grad)
+        # with grad enabled (grad="unrolled", or a backward building a graph) the result keeps
+        # its graph to x, h and whatever the cell reads: its parameters, closed-over tensors
+        differentiable = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        if torch.is_inference_mode_enabled():  # autograd needs normal tensors: copies of them
+            with torch.inference_mode(False):
+                return self._vjp_rows(x.clone(), h.clone(), cotangents.clone())
         group = max(1, min(K, (1 << 24) // max(1, N * (D + x.shape[-1]))))
         out, rows = None, []
         with torch.enable_grad():

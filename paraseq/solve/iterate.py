@@ -49,7 +49,7 @@ def first_failure(res: Tensor, tol: float) -> int:
 def evaluate(fc: FlatCell, X: Tensor, Hp: Tensor) -> Tensor:
     """f(x_t, h_{t-1}) for all B x T rows in one call of the cell."""
     B, T, D = Hp.shape
-    return fc(X.reshape(B * T, -1), Hp.reshape(B * T, D)).reshape(B, T, D)
+    return fc(X.reshape(B * T, X.shape[-1]), Hp.reshape(B * T, D)).reshape(B, T, D)
 
 
 def sequential(fc: FlatCell, X: Tensor, h0: Tensor, cell_dtype: torch.dtype) -> Tensor:
@@ -73,7 +73,7 @@ def _lin(fc: FlatCell, method: Method, source: str | None, X: Tensor, Hp: Tensor
          ) -> tuple[Tensor, Tensor | None]:
     """f and A on all rows, in the cell's dtype for the call and the iterate's dtype after."""
     B, T, D = Hp.shape
-    F, A = linearise(fc, method, source, X.reshape(B * T, -1),
+    F, A = linearise(fc, method, source, X.reshape(B * T, X.shape[-1]),
                      Hp.reshape(B * T, D).to(cell_dtype), samples=samples, generator=generator)
     F = F.reshape(B, T, D).to(Hp.dtype)
     if A is not None:
