@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..ode.api import NEWTON_MAX_ITER, _check
+from ..ode.api import NEWTON_MAX_ITER, _scalars, _times
 from ..ode.field import VectorField
 from ..ode.schemes import SCHEMES, RungeKutta
 from ..ode.step import StepMap
@@ -58,8 +58,9 @@ def odeint(func: Callable, y0: Tensor, t: Tensor, *, group=None, method: str = "
             raise ValueError("paraseq.distributed.odeint: rank 0's slice of t must hold t[0] "
                              "(it is empty)")
         # paraseq.odeint's own checks, on this rank's slice (a lone point stands for itself)
-        _check("paraseq.distributed.odeint", func, y0, t if t.numel() else y0.new_zeros(1),
-               method, tuple(SCHEMES), solver, tol, max_iter, on_failure, None)
+        _check(func, y0, t if t.numel() else y0.new_zeros(1), method, tol, max_iter,
+               on_failure)
+        t = t.to(y0.dtype)  # paraseq.odeint's (torchdiffeq's) rule: the solve runs in y0's dtype
     except Exception as exc:
         error = exc
     # every rank's first and last time: the steps that cross rank boundaries
@@ -95,3 +96,22 @@ def odeint(func: Callable, y0: Tensor, t: Tensor, *, group=None, method: str = "
     if comm.rank == 0:
         out = torch.cat([y0.unsqueeze(0), out], dim=0)  # (T_0, ..., D)
     return (out, info) if return_info else out
+
+
+def _check(func, y0, t, method, tol, max_iter, on_failure) -> None:
+    """paraseq.odeint's checks of its arguments, on this rank's slice of the grid."""
+    name = "paraseq.distributed.odeint"
+    if not callable(func):
+        raise TypeError(f"{name}: func must be callable (a function or nn.Module); got "
+                        f"{type(func).__name__}")
+    if not isinstance(y0, Tensor) or y0.dim() < 1:
+        raise TypeError(f"{name}: y0 must be a torch.Tensor of shape (..., D); got "
+                        f"{getattr(y0, 'shape', type(y0).__name__)}")
+    if y0.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name}: y0 must be float32 or float64 (the local Newton solves use "
+                        f"LAPACK); got {y0.dtype}")
+    _times(name, t, y0)
+    if method not in SCHEMES:
+        raise ValueError(f"{name}: unknown method {method!r}; valid: "
+                         + ", ".join(repr(m) for m in SCHEMES))
+    _scalars(name, None, tol, max_iter, on_failure, 0.0, 0.0, y0)
