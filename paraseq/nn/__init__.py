@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from ._checks import RNNInputError
 from .rnn import GRU, LSTM, RNN, DiagGRU, DiagLSTM
 from .s4 import S4, S4D, S4Block
 
-__all__ = ["GRU", "LSTM", "RNN", "S4", "S4D", "DiagGRU", "DiagLSTM", "S4Block"]
+__all__ = ["GRU", "LSTM", "RNN", "S4", "S4D", "DiagGRU", "DiagLSTM", "RNNInputError", "S4Block"]
