@@ -366,3 +366,29 @@ def test_last_path_reads_the_tables_labels():
         m(torch.randn(100, 1, 2))
     labels = {p.label for p in _paths.PATHS}
     assert m.last_path in labels or re.sub(r", fell back.*", "", m.last_path) in labels
+
+
+@pytest.mark.parametrize("method", ["auto", "quasi_newton"])
+def test_torchs_weight_parametrizations_and_pruning_apply(method):
+    """Utilities written for torch.nn.GRU (a parametrization swaps the module's class, pruning
+    replaces a Parameter by a plain tensor attribute) change paraseq's module as torch's."""
+    from torch.nn.utils import parametrizations, prune
+
+    torch.manual_seed(0)
+    m = pnn.GRU(3, 4, method=method).double()
+    ref = torch.nn.GRU(3, 4).double()
+    ref.load_state_dict(m.state_dict())
+    for mod in (m, ref):
+        parametrizations.weight_norm(mod, "weight_hh_l0")
+        prune.l1_unstructured(mod, "weight_ih_l0", amount=0.3)
+        assert isinstance(mod, torch.nn.GRU)
+    x = torch.randn(80, 2, 3, dtype=torch.float64)
+    outs = [mod(x)[0] for mod in (m, ref)]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-10, rtol=1e-9)
+    for out in outs:
+        out.sum().backward()
+    torch.testing.assert_close(m.parametrizations.weight_hh_l0.original1.grad,
+                               ref.parametrizations.weight_hh_l0.original1.grad,
+                               atol=1e-9, rtol=1e-8)
+    torch.testing.assert_close(m.weight_ih_l0_orig.grad, ref.weight_ih_l0_orig.grad,
+                               atol=1e-9, rtol=1e-8)

@@ -38,6 +38,22 @@ def _is_batched(t: Tensor | None) -> bool:
                 or getattr(ft, "is_legacy_batchedtensor", lambda _: False)(t))
 
 
+def _vjp(outs: tuple[Tensor, ...], grads: tuple[Tensor, ...], leaves: tuple[Tensor, ...]):
+    """torch.autograd.grad(outs, leaves, grads, retain_graph=True, allow_unused=True), by the
+    engine directly where it can (about 10 us less per call: it is on every training step)."""
+    if _ENGINE is None:
+        return torch.autograd.grad(outs, leaves, grads, retain_graph=True, allow_unused=True)
+    return _ENGINE.run_backward(outs, grads, True, False, leaves, True, False)
+
+
+try:
+    from torch.autograd.variable import Variable
+
+    _ENGINE = Variable._execution_engine
+except (ImportError, AttributeError):  # pragma: no cover - another torch's internals
+    _ENGINE = None
+
+
 class _Twice(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: Callable, replay: Callable, *inputs):
@@ -65,8 +81,7 @@ class _Twice(torch.autograd.Function):
                                           allow_unused=True)
         else:
             leaves, outs = ctx.inner
-            got = torch.autograd.grad(outs, [leaves[i] for i in want], grads,
-                                      retain_graph=True, allow_unused=True)
+            got = _vjp(outs, grads, tuple(leaves[i] for i in want))
         for i, g in zip(want, got, strict=True):
             result[i] = g
         return (None, None, *result)

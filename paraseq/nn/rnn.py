@@ -29,10 +29,21 @@ as the compiled sweeps of
 ``paraseq.cells.newton``: the same Newton iteration and stopping rule, matrix-free, one pass
 over memory per iteration, with the compiled loop's reverse sweep as its adjoint
 (``SolveInfo.jacobian`` reads "analytic (compiled sweep)"; ``NEWTON_SWEEPS = False`` sends it
-through ``solve_recurrence`` instead). ``"auto"`` asks
-``paraseq.solve.choose_method`` (T, B, H, device, whether a backward pass will follow) and
-runs torch's fused kernels whenever it answers "sequential": short sequences (T <= 64),
-decoding, and wide batches on a CPU, where the loop is the faster path.
+through ``solve_recurrence`` instead). ``"auto"`` walks the table of ``paraseq.nn._paths``
+(path, condition, the benchmark behind it; T, B, H, device, whether a backward pass will
+follow): the compiled loop where it beats torch's kernel on a CPU, torch's fused kernels for
+short sequences (T <= 64), decoding and wide batches, a parallel method otherwise.
+
+Drop-in beyond the numbers. RNN, GRU and LSTM are instances of torch.nn.RNN/GRU/LSTM and
+torch.nn.RNNBase (torch's flat-weight bookkeeping, pickling and ``.to()`` included), so code
+that dispatches on torch's classes treats them as torch's; DiagGRU and DiagLSTM are not (their
+(K H,) weight_hh is no torch layout). A mistake raises what torch.nn raises, torch's message
+first and paraseq's hint after it (``paraseq.nn._checks``; where torch raises RuntimeError for
+a bad input, ``RNNInputError`` is a RuntimeError and a ValueError). An empty batch returns
+outputs that backpropagate (zero gradients), as torch's. Every path is twice differentiable
+and takes batched gradients: torch's kernel by itself, the compiled loop, the Newton sweeps
+and ``solve_recurrence`` through ``paraseq.nn._twice`` (a plain backward runs the path's own
+adjoint; ``create_graph=True`` or batched grad_outputs replay the layer in torch ops).
 
 ``step(x_t, hx)`` advances the state by one time step (streaming inference); it runs the cells
 directly. Results equal ``forward`` on the whole sequence step by step.
