@@ -13,6 +13,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call
 
@@ -288,6 +290,39 @@ def test_double_backward_through_layers_directions_and_packing():
         grads.append(torch.autograd.grad(gx.pow(2).sum(), list(mod.parameters())))
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["RNN", "GRU", "LSTM"]),
+       method=st.sampled_from(["auto", "sequential", "newton", "quasi_newton", "jacobi"]),
+       T=st.integers(1, 13), B=st.integers(1, 3), layers=st.integers(1, 2),
+       bidirectional=st.booleans(), batch_first=st.booleans(), with_h0=st.booleans())
+def test_second_order_gradients_equal_torchs(kind, method, T, B, layers, bidirectional,
+                                             batch_first, with_h0):
+    """d/dθ of ||d loss / d (x, h0)||^2, paraseq's against torch.nn's over drawn shapes,
+    lengths, stacks and methods (float64; tol at the rounding floor)."""
+    kw = dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+    torch.manual_seed(T * 100 + B)
+    ref = TORCH[kind](2, 3, **kw).double()
+    m = PARASEQ[kind](2, 3, method=method, **kw).double()
+    m.load_state_dict(ref.state_dict())
+    shape = (B, T, 2) if batch_first else (T, B, 2)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    D = layers * (2 if bidirectional else 1)
+    h0 = torch.randn(D, B, 3, dtype=torch.float64, requires_grad=True) if with_h0 else None
+    grads = []
+    for mod in (m, ref):
+        hx = None if h0 is None else ((h0, torch.zeros_like(h0)) if kind == "LSTM" else h0)
+        out, hn = mod(x, hx)
+        hn = hn[1] if kind == "LSTM" else hn  # c_n for LSTM
+        wrt = [x] if h0 is None else [x, h0]
+        g = torch.autograd.grad((out.tanh() ** 2).sum() + (hn ** 3).sum(), wrt,
+                                create_graph=True)
+        penalty = sum((gi ** 2).sum() for gi in g)
+        grads.append(torch.autograd.grad(penalty, [*mod.parameters(), *wrt]))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
 
 
 def test_a_plain_backward_still_runs_the_paths_own_adjoint(monkeypatch):
