@@ -29,10 +29,21 @@ as the compiled sweeps of
 ``paraseq.cells.newton``: the same Newton iteration and stopping rule, matrix-free, one pass
 over memory per iteration, with the compiled loop's reverse sweep as its adjoint
 (``SolveInfo.jacobian`` reads "analytic (compiled sweep)"; ``NEWTON_SWEEPS = False`` sends it
-through ``solve_recurrence`` instead). ``"auto"`` asks
-``paraseq.solve.choose_method`` (T, B, H, device, whether a backward pass will follow) and
-runs torch's fused kernels whenever it answers "sequential": short sequences (T <= 64),
-decoding, and wide batches on a CPU, where the loop is the faster path.
+through ``solve_recurrence`` instead). ``"auto"`` walks the table of ``paraseq.nn._paths``
+(path, condition, the benchmark behind it; T, B, H, device, whether a backward pass will
+follow): the compiled loop where it beats torch's kernel on a CPU, torch's fused kernels for
+short sequences (T <= 64), decoding and wide batches, a parallel method otherwise.
+
+Drop-in beyond the numbers. RNN, GRU and LSTM are instances of torch.nn.RNN/GRU/LSTM and
+torch.nn.RNNBase (torch's flat-weight bookkeeping, pickling and ``.to()`` included), so code
+that dispatches on torch's classes treats them as torch's; DiagGRU and DiagLSTM are not (their
+(K H,) weight_hh is no torch layout). A mistake raises what torch.nn raises, torch's message
+first and paraseq's hint after it (``paraseq.nn._checks``; where torch raises RuntimeError for
+a bad input, ``RNNInputError`` is a RuntimeError and a ValueError). An empty batch returns
+outputs that backpropagate (zero gradients), as torch's. Every path is twice differentiable
+and takes batched gradients: torch's kernel by itself, the compiled loop, the Newton sweeps
+and ``solve_recurrence`` through ``paraseq.nn._twice`` (a plain backward runs the path's own
+adjoint; ``create_graph=True`` or batched grad_outputs replay the layer in torch ops).
 
 ``step(x_t, hx)`` advances the state by one time step (streaming inference); it runs the cells
 directly. Results equal ``forward`` on the whole sequence step by step.
@@ -90,12 +101,22 @@ from torch.nn.utils.rnn import PackedSequence
 from ..cells import compiled, newton
 from ..result import SolveInfo
 from ..solve import solve_recurrence
-from ..solve.api import DEFAULT_MAX_ITER, ON_FAILURE, choose_method
-from ..solve.cell import FlatCell, StateLayout
+from ..solve.api import DEFAULT_MAX_ITER, ON_FAILURE
 from ..solve.methods import METHODS
+from . import _paths
+from ._checks import (
+    RNNInputError,
+    check_constructor,
+    check_hx,
+    check_input,
+    check_length,
+    proj_size_error,
+)
 from ._gated import DiagLSTMGated, ElmanGated, GRUGated, LSTMGated, ProjLSTMGated
+from ._twice import twice
 
-__all__ = ["DEFAULT_TOL", "FLOOR_TOL", "GRU", "LSTM", "RNN", "DiagGRU", "DiagLSTM"]
+__all__ = ["DEFAULT_TOL", "FLOOR_TOL", "GRU", "LSTM", "RNN", "DiagGRU", "DiagLSTM",
+           "RNNInputError"]
 
 DEFAULT_TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2,
                torch.float16: 2e-3}
@@ -114,18 +135,6 @@ _REFINE_MAX_ITER = 25
 1e-6 to 1e-7 takes 22); a refinement that stops helping stops after solve_recurrence's
 patience (8 iterations without halving the residual) anyway."""
 
-_FUSED_TRAINING_FACTOR = 2
-"""How much further the parallel path pays when a backward pass follows, against torch's fused
-kernels (measured on the 2-core CPU, GRU, T = 1e3: newton against torch.nn.GRU goes from
-1.35x to 2.8x at hidden 8, batch 16, and from 0.17x to 0.37x at hidden 32, batch 16)."""
-
-_COMPILED_LOOPS = {"GRU": "gru_sequence", "RNN_TANH": "elman_sequence",
-                   "RNN_RELU": "elman_sequence", "LSTM": "lstm_sequence"}
-"""The compiled sequential loops of ``paraseq.cells.compiled`` by mode (called in
-``_compiled_sequence``; a (K H,) weight_hh is the diagonal recurrence of DiagGRU/DiagLSTM).
-A name missing from the module is simply not used."""
-
-
 NEWTON_SWEEPS = True
 """method="newton" on the GRU, RNN and LSTM modules runs as ``paraseq.cells.newton``'s compiled
 sweeps where they serve (``_sweeps_newton``); False sends it through ``solve_recurrence``."""
@@ -134,22 +143,7 @@ _SWEEP_CELLS = {"GRU": compiled._GRU, "RNN_TANH": compiled._ELMAN_TANH,
                 "RNN_RELU": compiled._ELMAN_RELU, "LSTM": compiled._LSTM}
 
 
-def _compiled_beats_torch(mode: str, B: int, H: int, training: bool) -> bool:
-    """Where the compiled loop beats torch's fused kernel on a CPU (``benchmarks/compiled.py
-    --bound``: T = 1e3, float32, one layer, 2-core Xeon, ratios taken in one run). GRU: up to
-    B H = 8192 (about 1.0x at B = 256, H >= 64); training also H <= 128 (B = 16, H = 256:
-    0.79x, the per-lane weight-gradient accumulators leave the caches). Elman: B H <= 8192
-    (B = 256, H = 64: 0.89x); training B H <= 4096 (B = 64, H = 128: 0.94x). LSTM, whose
-    torch kernel is oneDNN's and far faster than its GRU: H <= 8 (1.3x to 2.7x up to
-    B = 256) or B = 1 and H <= 128 (1.23x); training H <= 8 and B <= 16, or B = 1 and
-    H <= 32 (B = 64, H = 8: 0.87x; B >= 16 with H >= 32: 0.48x to 0.76x)."""
-    if mode == "GRU":
-        return B * H <= 8192 and (not training or H <= 128)
-    if mode in ("RNN_TANH", "RNN_RELU"):
-        return B * H <= (4096 if training else 8192)
-    if training:
-        return (H <= 8 and B <= 16) or (B == 1 and H <= 32)
-    return (H <= 8 and B <= 256) or (B == 1 and H <= 128)
+_compiled_beats_torch = _paths.compiled_beats_torch  # the table's row 1 (paraseq.nn._paths)
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
 _NATIVE = {"RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu, "GRU": torch.gru,
@@ -176,23 +170,9 @@ class _RNNBase(nn.Module):
                  method: str = "auto", tol: float | None = None, max_iter: int | None = None,
                  on_failure: str = "fallback") -> None:
         name = type(self).__name__
-        input_size = _check_int(name, "input_size", input_size, 1)
-        hidden_size = _check_int(name, "hidden_size", hidden_size, 1)
-        num_layers = _check_int(name, "num_layers", num_layers, 1)
-        proj_size = _check_int(name, "proj_size", proj_size, 0)
-        for arg, v in (("bias", bias), ("batch_first", batch_first),
-                       ("bidirectional", bidirectional)):
-            if not isinstance(v, bool):
-                raise TypeError(f"{name}: {arg} must be a bool; got {type(v).__name__}")
-        if (isinstance(dropout, bool) or not isinstance(dropout, numbers.Number)
-                or not 0 <= dropout <= 1):
-            raise ValueError(f"{name}: dropout must be a number in [0, 1] (the probability of "
-                             f"zeroing an element); got {dropout!r}")
-        if proj_size and mode != "LSTM":
-            raise ValueError(f"{name}: proj_size is an LSTM option; got proj_size={proj_size}")
-        if proj_size >= hidden_size:
-            raise ValueError(f"{name}: proj_size must be smaller than hidden_size; got "
-                             f"proj_size={proj_size}, hidden_size={hidden_size}")
+        input_size, hidden_size, num_layers, proj_size, dropout = check_constructor(
+            name, mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            proj_size)
         if method != "auto" and method not in METHODS:
             raise ValueError(f"{name}: unknown method {method!r}; valid: 'auto', "
                              + ", ".join(repr(m) for m in METHODS))
@@ -205,17 +185,16 @@ class _RNNBase(nn.Module):
                              f"{tol!r}")
         if max_iter is not None:
             _check_int(name, "max_iter", max_iter, 1)
-        if dropout > 0 and num_layers == 1:
-            warnings.warn(f"{name}: dropout={dropout} has no effect with num_layers=1 (dropout "
-                          f"acts between layers)", UserWarning, stacklevel=3)
-        super().__init__()
+        # nn.Module's, not torch.nn.RNNBase's __init__ (next in the dense modules' MRO): the
+        # parameters are registered below, torch's way, and its flat-weight lists after them
+        nn.Module.__init__(self)
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.bias = bias
         self.batch_first = batch_first
-        self.dropout = float(dropout)
+        self.dropout = dropout
         self.bidirectional = bidirectional
         self.proj_size = proj_size
         self.method = method
@@ -248,6 +227,7 @@ class _RNNBase(nn.Module):
                     names.append(pname)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+        self._init_flat_weights()
         self.reset_parameters()
 
     # -- torch.nn.RNNBase's surface ----------------------------------------------------------
@@ -259,16 +239,9 @@ class _RNNBase(nn.Module):
             nn.init.uniform_(weight, -stdv, stdv)
 
     @property
-    def _flat_weights(self) -> list[Tensor]:
-        return [getattr(self, n) for n in self._flat_weights_names]
-
-    @property
     def all_weights(self) -> list[list[nn.Parameter]]:
         """The parameters per layer and direction, as torch.nn.RNNBase.all_weights."""
         return [[getattr(self, n) for n in names] for names in self._all_weights]
-
-    def flatten_parameters(self) -> None:
-        """A no-op kept for drop-in compatibility: paraseq needs no cuDNN weight buffer."""
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
@@ -307,7 +280,10 @@ class _RNNBase(nn.Module):
         return {n.rsplit("_l", 1)[0]: getattr(self, n) for n in names}
 
     def _cell(self, layer: int, direction: int):
-        p = self._layer_params(layer, direction)
+        return self._make_cell(self._layer_params(layer, direction))
+
+    def _make_cell(self, p: dict[str, Tensor | None]):
+        """The cell of one layer and direction over its parameters ``p`` (weight_hh, ...)."""
         w_hh, b_hh = p["weight_hh"], p.get("bias_hh")
         if self.mode == "LSTM":
             if self.proj_size > 0:
@@ -319,85 +295,22 @@ class _RNNBase(nn.Module):
 
     def _check_hx(self, hx, batch: int, batched: bool, like: Tensor) -> tuple[Tensor, ...]:
         """hx as a tuple of (L Dn, B, size) tensors (zeros when None)."""
-        name = type(self).__name__
-        sizes = self._state_sizes()
         LD = self.num_layers * self._dirs
+        want = tuple((LD, batch, s) for s in self._state_sizes())
         if hx is None:
-            return tuple(like.new_zeros(LD, batch, s) for s in sizes)
-        if self.mode == "LSTM":
-            if not (isinstance(hx, (tuple, list)) and len(hx) == 2
-                    and all(isinstance(t, Tensor) for t in hx)):
-                raise TypeError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors or None; "
-                                f"got {type(hx).__name__}")
-            parts, labels = tuple(hx), ("h_0", "c_0")
-        else:
-            if not isinstance(hx, Tensor):
-                raise TypeError(f"{name}: hx must be a torch.Tensor or None; got "
-                                f"{type(hx).__name__}")
-            parts, labels = (hx,), ("hx",)
-        out = []
-        for p, s, label in zip(parts, sizes, labels, strict=True):
-            want = (LD, batch, s) if batched else (LD, s)
-            if p.dim() != len(want):
-                kind = "3-D (batched)" if batched else "2-D (unbatched)"
-                raise ValueError(f"{name}: for {kind} input, {label} must be {len(want)}-D of "
-                                 f"shape {want}; got {p.dim()}-D shape {tuple(p.shape)}")
-            if tuple(p.shape) != want:
-                raise ValueError(f"{name}: {label} must have shape {want} (num_layers * "
-                                 f"num_directions, batch, size); got {tuple(p.shape)}")
-            if p.dtype != like.dtype or p.device != like.device:
-                raise ValueError(f"{name}: {label} must have the input's dtype and device "
-                                 f"({like.dtype}, {like.device}); got ({p.dtype}, {p.device})")
-            out.append(p if batched else p.unsqueeze(1))
-        return tuple(out)
+            return tuple(like.new_zeros(w) for w in want)
+        return check_hx(type(self).__name__, self.mode == "LSTM", hx, want, batched, like)
 
-    def _check_input(self, x: object) -> Tensor:
-        name = type(self).__name__
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name}: input must be a torch.Tensor or a PackedSequence; got "
-                            f"{type(x).__name__}")
-        if x.dim() not in (2, 3):
-            raise ValueError(f"{name}: input must be 3-D (T, B, n) ((B, T, n) with "
-                             f"batch_first=True) or 2-D unbatched (T, n); got shape "
-                             f"{tuple(x.shape)}")
-        if x.shape[-1] != self.input_size:
-            raise ValueError(f"{name}: input.size(-1) must equal input_size={self.input_size}; "
-                             f"got {x.shape[-1]}")
-        w = self.weight_ih_l0
-        if x.dtype != w.dtype or x.device != w.device:
-            raise ValueError(f"{name}: input has dtype {x.dtype} on {x.device} but the "
-                             f"parameters are {w.dtype} on {w.device}; convert one of them "
-                             f"(e.g. module.to(input.dtype))")
-        return x
+    def _check_input(self, x: object, packed: bool = False) -> Tensor:
+        return check_input(type(self).__name__, x, self.input_size, self.weight_ih_l0, packed)
 
     # -- forward -------------------------------------------------------------------------------
 
-    def _resolve_method(self, x: Tensor, T: int, B: int, training: bool) -> str:
-        if self.method != "auto":
-            return self.method
-        if self._compiled_pays(x, B, training):
-            # the compiled loop runs at arithmetic speed: on a CPU it matches or beats Newton
-            # wherever it beats torch's kernel (the overhead Newton removes is gone), and it
-            # has nothing to converge
-            return "sequential"
-        device = x.device
-        D = sum(self._state_sizes())
-        cell = self._cell(0, 0)
-        fc = FlatCell(cell, StateLayout(self.mode == "LSTM", self._state_sizes()))
-        # the dense modules' sequential path is torch's fused kernel, whose backward costs
-        # about 2x its forward (not autograd through a Python loop, choose_method's default)
-        factor = 8 if self._diagonal else _FUSED_TRAINING_FACTOR
-        return choose_method(T, B, D, fc, device, training, training_factor=factor)
-
-    def _compiled_pays(self, x: Tensor, B: int, training: bool) -> bool:
-        """Whether the sequential path is a compiled loop (``paraseq.cells.compiled``) rather
-        than torch's fused kernel (dense modules) or a Python loop (DiagGRU, DiagLSTM): CPU,
-        float32 or float64, numba installed, and, for the dense modules, where the loop beats
-        torch's kernel (``_compiled_beats_torch``)."""
-        if _compiled_loop(self.mode) is None or not compiled.supported(x):
-            return False
-        return self._diagonal or _compiled_beats_torch(self.mode, B, self.hidden_size,
-                                                       training)
+    def _choose(self, x: Tensor, T: int, B: int, training: bool) -> str:
+        """The table of ``paraseq.nn._paths``: "compiled", "sequential" (torch's kernel, or the
+        diagonal modules' loop) or a parallel method."""
+        return _paths.choose(self.method, self.mode, self._diagonal, x, T, B, self.hidden_size,
+                             sum(self._state_sizes()), training)
 
     def _wants_grad(self, x: Tensor, hx) -> bool:
         if not torch.is_grad_enabled():
@@ -418,7 +331,7 @@ class _RNNBase(nn.Module):
         lengths = None
         if packed:
             data, batch_sizes, sorted_idx, unsorted_idx = input
-            self._check_input(data.unsqueeze(0))
+            self._check_input(data, packed=True)
             T, B = batch_sizes.numel(), int(batch_sizes[0])
             mask = (torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1))  # (T, B)
             x = data.new_zeros(T, B, data.shape[-1])  # (T, B, n), sorted batch order
@@ -435,28 +348,24 @@ class _RNNBase(nn.Module):
             elif self.batch_first:
                 x = x.transpose(0, 1)  # (T, B, n)
             T, B = x.shape[:2]
-        if T == 0:
-            raise ValueError(f"{type(self).__name__}: input must have at least one time step "
-                             f"(torch.nn's modules require it too); got T = 0")
         state = self._check_hx(hx, B, batched, x)  # each (L Dn, B, size)
+        check_length(type(self).__name__, T)
         training = self._wants_grad(x, hx)
-        method = self._resolve_method(x, T, B, training)
+        method = self._choose(x, T, B, training)
         self.last_solve_info = []
-        if method == "sequential" and self._compiled_pays(x, B, training):
-            method = "compiled"
-        path = {"sequential": "loop" if self._diagonal else "torch kernel",
-                "compiled": "compiled loop"}.get(method, f"parallel ({method})")
-        self.last_path = path
-        if B == 0:  # an empty batch: nothing to run
-            out, state_n = x.new_zeros(T, 0, self._dirs * self._hout), state
+        self.last_path = _paths.label(method, self._diagonal)
+        if B == 0:  # an empty batch: nothing to run, but a graph to backpropagate, as torch's
+            link = sum((w.sum() * 0 for w in self._flat_weights), x.sum() * 0)
+            out = x.new_zeros(T, 0, self._dirs * self._hout) + link
+            state_n = tuple(s + link for s in state)
         elif method == "sequential" and not self._diagonal:
             out, state_n = self._native(x, state, batch_sizes if packed else None,
                                         data if packed else None)
             if packed:
                 return self._pack_out(out, input, state_n, unsorted_idx, native=True)
         else:
-            out, state_n = self._parallel(x, state, lengths, method)  # (T, B, Dn Hout)
-            self.last_path = path + _fallback_note(self.last_solve_info)
+            out, state_n = self._parallel(x, state, lengths, method, training)  # (T, B, Dn Hout)
+            self.last_path += _fallback_note(self.last_solve_info)
             if packed:
                 return self._pack_out(out[mask.to(out.device)], input, state_n, unsorted_idx)
         if not batched:
@@ -479,7 +388,8 @@ class _RNNBase(nn.Module):
         """torch's fused kernels over the whole stack: (T, B, Dn Hout) (or packed data)."""
         fn = _NATIVE[self.mode]
         hx = state if self.mode == "LSTM" else state[0]
-        args = (self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+        weights = [getattr(self, n) for n in self._flat_weights_names]
+        args = (weights, self.bias, self.num_layers, self.dropout, self.training,
                 self.bidirectional)
         if batch_sizes is not None:
             res = fn(data, batch_sizes, hx, *args)
@@ -489,9 +399,9 @@ class _RNNBase(nn.Module):
         return out, tuple(res[1:])
 
     def _parallel(self, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None,
-                  method: str):
-        """Layer by layer, direction by direction, each one ``solve_recurrence`` (or, for
-        ``method="compiled"``, a compiled loop of ``paraseq.cells.compiled``)."""
+                  method: str, training: bool):
+        """Layer by layer, direction by direction: ``_direction`` (when a backward pass
+        follows, wrapped by ``paraseq.nn._twice`` so that it is twice differentiable)."""
         T, B = x.shape[:2]
         finals: list[list[Tensor]] = [[] for _ in state]  # per state tensor, (B, size) each
         layer_in = x  # (T, B, n)
@@ -500,28 +410,14 @@ class _RNNBase(nn.Module):
         for layer in range(self.num_layers):
             outs = []
             for d in range(self._dirs):
-                p = self._layer_params(layer, d)
-                fused = method == "newton" and self._sweeps_newton(layer_in)
-                if method == "compiled" or fused:  # laid out for the kernel that will run
-                    gi = compiled.input_projection(layer_in, p["weight_ih"], p.get("bias_ih"),
-                                                   self.hidden_size)
-                else:
-                    gi = F.linear(layer_in, p["weight_ih"], p.get("bias_ih")).transpose(0, 1)
-                # gi: (B, T, K H)
-                if d == 1:
-                    gi = _flip(gi, rev_idx)
                 k = layer * self._dirs + d
                 h0 = tuple(s[k] for s in state)  # each (B, size)
-                if method == "compiled":
-                    states = self._compiled_sequence(gi, h0, p)
-                elif fused:
-                    states, info = self._newton_sweeps(gi, h0, p)
-                    self.last_solve_info.append(info)
-                else:
-                    states, info = self._solve(self._cell(layer, d), gi,
-                                               h0 if self.mode == "LSTM" else h0[0], method)
-                    self.last_solve_info.append(info)
-                states = states if self.mode == "LSTM" else (states,)  # each (B, T, size)
+                names = self._all_weights[k]
+                params = tuple(getattr(self, n) for n in names)
+                keys = tuple(n.rsplit("_l", 1)[0] for n in names)
+                reverse = rev_idx if d == 1 else None
+                states = self._direction(layer_in, params, h0, keys, method, d == 1, reverse,
+                                         training)  # each (B, T, size)
                 for acc, s in zip(finals, states, strict=True):
                     acc.append(s[:, -1] if last is None else
                                s[torch.arange(B, device=s.device), last])
@@ -532,6 +428,76 @@ class _RNNBase(nn.Module):
                 out = F.dropout(out, self.dropout, True)
             layer_in = out
         return layer_in, tuple(torch.stack(f) for f in finals)
+
+    @torch.compiler.disable
+    def _direction(self, layer_in: Tensor, params: tuple[Tensor, ...], h0: tuple[Tensor, ...],
+                   keys: tuple[str, ...], method: str, backward_dir: bool,
+                   rev_idx: Tensor | None, training: bool) -> tuple[Tensor, ...]:
+        """One layer and direction over layer_in (T, B, n) from h0: the states (B, T, size)
+        as a tuple (LSTM: (h, c)), in the direction's own time order."""
+        n = len(keys)
+
+        def run(x, *rest):
+            return self._run_direction(x, dict(zip(keys, rest[:n], strict=True)), rest[n:],
+                                       method, backward_dir, rev_idx)
+
+        if not training:
+            return run(layer_in, *params, *h0)
+
+        def replay(x, *rest):
+            return self._replay_direction(x, dict(zip(keys, rest[:n], strict=True)), rest[n:],
+                                          backward_dir, rev_idx)
+
+        return twice(run, replay, layer_in, *params, *h0)
+
+    def _run_direction(self, layer_in: Tensor, p: dict[str, Tensor], h0: tuple[Tensor, ...],
+                       method: str, backward_dir: bool, rev_idx: Tensor | None):
+        """The fast path: the compiled loop, the compiled Newton sweeps or
+        ``solve_recurrence`` (appending its ``SolveInfo`` to ``last_solve_info``)."""
+        fused = method == "newton" and self._sweeps_newton(layer_in)
+        if method == "compiled" or fused:  # laid out for the kernel that will run
+            gi = compiled.input_projection(layer_in, p["weight_ih"], p.get("bias_ih"),
+                                           self.hidden_size)
+        else:
+            gi = F.linear(layer_in, p["weight_ih"], p.get("bias_ih")).transpose(0, 1)
+        # gi: (B, T, K H)
+        if backward_dir:
+            gi = _flip(gi, rev_idx)
+        if method == "compiled":
+            states = self._compiled_sequence(gi, h0, p)
+        elif fused:
+            states, info = self._newton_sweeps(gi, h0, p)
+            self.last_solve_info.append(info)
+        else:
+            states, info = self._solve(self._make_cell(p), gi,
+                                       h0 if self.mode == "LSTM" else h0[0], method)
+            self.last_solve_info.append(info)
+        return tuple(states) if self.mode == "LSTM" else (states,)
+
+    def _replay_direction(self, layer_in: Tensor, p: dict[str, Tensor],
+                          h0: tuple[Tensor, ...], backward_dir: bool, rev_idx: Tensor | None):
+        """The same function as ``_run_direction`` in differentiable torch ops (for double
+        backward and batched gradients): torch's own kernel for the dense GRU and RNN (cuDNN
+        off: its backward is once-differentiable), else a loop over the cell."""
+        x = layer_in.transpose(0, 1)  # (B, T, n)
+        if backward_dir:
+            x = _flip(x, rev_idx)
+        if self.mode != "LSTM" and not self._diagonal:
+            weights = [p["weight_ih"], p["weight_hh"]]
+            if self.bias:
+                weights += [p["bias_ih"], p["bias_hh"]]
+            with torch.backends.cudnn.flags(enabled=False):
+                out, _ = _NATIVE[self.mode](x, h0[0].unsqueeze(0), weights, self.bias, 1, 0.0,
+                                            False, False, True)
+            return (out,)
+        gi = F.linear(x, p["weight_ih"], p.get("bias_ih"))  # (B, T, K H)
+        cell = self._make_cell(p)
+        state = h0 if self.mode == "LSTM" else h0[0]
+        seq = []
+        for t in range(gi.shape[1]):
+            state = cell(gi[:, t], state)
+            seq.append(state if self.mode == "LSTM" else (state,))
+        return tuple(torch.stack(parts, 1) for parts in zip(*seq, strict=True))
 
     def _compiled_sequence(self, gi: Tensor, h0: tuple[Tensor, ...], p: dict[str, Tensor]):
         """The compiled loop of this mode over gi (B, T, K H) from h0: (B, T, Hout), or for
@@ -645,10 +611,7 @@ class _RNNBase(nn.Module):
         return out, (state_n if self.mode == "LSTM" else state_n[0])
 
 
-def _compiled_loop(mode: str):
-    """The compiled loop of ``paraseq.cells.compiled`` for this mode, or None."""
-    name = _COMPILED_LOOPS.get(mode)
-    return None if name is None else getattr(compiled, name, None)
+_compiled_loop = _paths.compiled_loop
 
 
 def _refine_iterations(residuals: list[float], floor: float) -> int:
@@ -696,21 +659,23 @@ def _flip(x: Tensor, idx: Tensor | None) -> Tensor:
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-class RNN(_RNNBase):
+class RNN(_RNNBase, nn.RNN):
     """torch.nn.RNN (Elman, tanh or relu), parallel over time: same constructor, parameters,
     state_dict and results, plus keyword-only ``method``, ``tol``, ``max_iter``,
-    ``on_failure`` (see ``paraseq.nn.rnn``)."""
+    ``on_failure`` (see ``paraseq.nn.rnn``). An instance of torch.nn.RNN and RNNBase."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None,
                  **kwargs) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError(proj_size_error("RNN"))
         if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu'; got "
-                             f"{nonlinearity!r}")
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or "
+                             f"'relu'. (RNN: nonlinearity={nonlinearity!r})")
         mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, 0, device, dtype, **_solver_kwargs(kwargs))
+                         dropout, bidirectional, 0, device, dtype, **_solver_kwargs("RNN", kwargs))
         self.nonlinearity = nonlinearity
 
     def extra_repr(self) -> str:
@@ -718,21 +683,24 @@ class RNN(_RNNBase):
         return s if self.nonlinearity == "tanh" else s + f", nonlinearity={self.nonlinearity!r}"
 
 
-class GRU(_RNNBase):
+class GRU(_RNNBase, nn.GRU):
     """torch.nn.GRU, parallel over time: same constructor, parameters, state_dict and results,
-    plus keyword-only ``method``, ``tol``, ``max_iter``, ``on_failure``."""
+    plus keyword-only ``method``, ``tol``, ``max_iter``, ``on_failure``. An instance of
+    torch.nn.GRU and RNNBase."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, device=None, dtype=None, **kwargs) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError(proj_size_error("GRU"))
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, 0, device, dtype, **_solver_kwargs(kwargs))
+                         dropout, bidirectional, 0, device, dtype, **_solver_kwargs("GRU", kwargs))
 
 
-class LSTM(_RNNBase):
+class LSTM(_RNNBase, nn.LSTM):
     """torch.nn.LSTM (with proj_size), parallel over time: same constructor, parameters,
     state_dict and results, plus keyword-only ``method``, ``tol``, ``max_iter``,
-    ``on_failure``."""
+    ``on_failure``. An instance of torch.nn.LSTM and RNNBase."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
@@ -740,10 +708,29 @@ class LSTM(_RNNBase):
                  **kwargs) -> None:
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, proj_size, device, dtype,
-                         **_solver_kwargs(kwargs))
+                         **_solver_kwargs("LSTM", kwargs))
 
 
-class DiagGRU(_RNNBase):
+class _Diagonal(_RNNBase):
+    """The diagonal-recurrence modules: torch.nn.RNNBase's surface without being one of its
+    instances. Their weight_hh_l{k} is a (K H,) vector where torch's is (K H, H), so code that
+    dispatches on torch.nn.GRU/LSTM (initialisation by nn.init.orthogonal_, quantize_dynamic,
+    ONNX export, cuDNN weight flattening) would fail or compute another model on them."""
+
+    _diagonal = True
+
+    def _init_flat_weights(self) -> None:
+        """Nothing to do: ``_flat_weights`` reads the parameters each time."""
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    def flatten_parameters(self) -> None:
+        """A no-op kept for drop-in compatibility: paraseq needs no cuDNN weight buffer."""
+
+
+class DiagGRU(_Diagonal):
     """A GRU whose recurrent weights are diagonal (``paraseq.cells.DiagGRUCell`` per layer):
     weight_hh_l{k} is a (3 H,) vector used elementwise, so unit i reads only its own past.
     The Jacobian is diagonal, and exact Newton ("quasi_newton", which "auto" picks) costs
@@ -751,36 +738,39 @@ class DiagGRU(_RNNBase):
     batch_first, packed input, step). ``method="sequential"`` is a Python loop over the cell
     (no fused kernel exists for it)."""
 
-    _diagonal = True
-
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, device=None, dtype=None, **kwargs) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError(proj_size_error("DiagGRU"))
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, 0, device, dtype, **_solver_kwargs(kwargs))
+                         dropout, bidirectional, 0, device, dtype,
+                         **_solver_kwargs("DiagGRU", kwargs))
 
 
-class DiagLSTM(_RNNBase):
+class DiagLSTM(_Diagonal):
     """An LSTM whose recurrent weights are diagonal (``paraseq.cells.DiagLSTMCell`` per layer):
     weight_hh_l{k} is a (4 H,) vector. Its Jacobian over [h, c] is H independent 2 x 2 blocks
     (unit i of h with unit i of c): "auto" and "newton" run exact Newton on those blocks at
     O(T H) per iteration (ParaRNN's construction); "quasi_newton" keeps only the diagonal (a
     true quasi-Newton here). torch.nn.LSTM's interface otherwise, without proj_size."""
 
-    _diagonal = True
-
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, device=None, dtype=None, **kwargs) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError(f"DiagLSTM: proj_size is not supported (its recurrence is "
+                             f"diagonal); got proj_size={kwargs['proj_size']!r}")
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, 0, device, dtype, **_solver_kwargs(kwargs))
+                         dropout, bidirectional, 0, device, dtype,
+                         **_solver_kwargs("DiagLSTM", kwargs))
 
 
-def _solver_kwargs(kwargs: dict) -> dict:
+def _solver_kwargs(owner: str, kwargs: dict) -> dict:
     allowed = ("method", "tol", "max_iter", "on_failure")
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
-                        f"paraseq adds only {', '.join(map(repr, allowed))} to torch's "
-                        f"arguments")
+        raise TypeError(f"{owner}.__init__() got an unexpected keyword argument "
+                        f"{unknown[0]!r} (paraseq adds only {', '.join(map(repr, allowed))} "
+                        f"to torch's arguments)")
     return kwargs
