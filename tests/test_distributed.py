@@ -434,6 +434,26 @@ def check_ddp_two_ranks(rank, group, P):
         close(p.grad * P, q.grad, "DDP grad")
 
 
+@check(2)
+def check_fsdp_two_ranks(rank, group, P):
+    # FSDP (fully_shard, sharding each parameter across the ranks) trains paraseq's modules
+    # unchanged too: the full gradients equal the single-process gradients of the summed losses
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    m = paraseq.nn.GRU(3, 4, dtype=torch.float64, method="newton", tol=1e-12)
+    ref = paraseq.nn.GRU(3, 4, dtype=torch.float64, method="sequential")
+    ref.load_state_dict(m.state_dict())
+    xs = [torch.randn(25, 2, 3, generator=torch.Generator().manual_seed(r),
+                      dtype=torch.float64) for r in range(P)]
+    sum(ref(x)[0].pow(2).sum() for x in xs).backward()  # one process, the sum of the losses
+    fully_shard(m, mesh=DeviceMesh.from_group(group, "cpu"))
+    m(xs[rank])[0].pow(2).sum().backward()  # each rank its own batch; FSDP averages
+    for (name, p), q in zip(m.named_parameters(), ref.parameters(), strict=True):
+        close(p.grad.full_tensor() * P, q.grad, f"FSDP grad {name}")
+
+
 class _Linear(torch.nn.Module):
     def __init__(self):
         super().__init__()
