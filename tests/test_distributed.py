@@ -417,10 +417,9 @@ def check_sequence_parallel_gru_and_lstm(rank, group, P):
             close(p.grad, q.grad, f"{Mod.__name__} grad {name}")
 
 
-@check(2)
-def check_ddp_two_ranks(rank, group, P):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
+def _data_parallel_case(P):
+    """A Newton GRU, its sequential twin with the same weights holding the single-process
+    gradient of the summed losses over every rank's batch, and the batches."""
     torch.manual_seed(0)
     m = paraseq.nn.GRU(3, 4, dtype=torch.float64, method="newton", tol=1e-12)
     ref = paraseq.nn.GRU(3, 4, dtype=torch.float64, method="sequential")
@@ -428,6 +427,14 @@ def check_ddp_two_ranks(rank, group, P):
     xs = [torch.randn(25, 2, 3, generator=torch.Generator().manual_seed(r),
                       dtype=torch.float64) for r in range(P)]
     sum(ref(x)[0].pow(2).sum() for x in xs).backward()  # one process, the sum of the losses
+    return m, ref, xs
+
+
+@check(2)
+def check_ddp_two_ranks(rank, group, P):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    m, ref, xs = _data_parallel_case(P)
     ddp = DDP(m, process_group=group)
     ddp(xs[rank])[0].pow(2).sum().backward()  # each rank its own batch; DDP averages
     for p, q in zip(m.parameters(), ref.parameters(), strict=True):
@@ -441,13 +448,7 @@ def check_fsdp_two_ranks(rank, group, P):
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
-    torch.manual_seed(0)
-    m = paraseq.nn.GRU(3, 4, dtype=torch.float64, method="newton", tol=1e-12)
-    ref = paraseq.nn.GRU(3, 4, dtype=torch.float64, method="sequential")
-    ref.load_state_dict(m.state_dict())
-    xs = [torch.randn(25, 2, 3, generator=torch.Generator().manual_seed(r),
-                      dtype=torch.float64) for r in range(P)]
-    sum(ref(x)[0].pow(2).sum() for x in xs).backward()  # one process, the sum of the losses
+    m, ref, xs = _data_parallel_case(P)
     fully_shard(m, mesh=DeviceMesh.from_group(group, "cpu"))
     m(xs[rank])[0].pow(2).sum().backward()  # each rank its own batch; FSDP averages
     for (name, p), q in zip(m.named_parameters(), ref.parameters(), strict=True):
