@@ -26,12 +26,12 @@ from torch import Tensor
 from ..result import ConvergenceError, SolveInfo
 from ..solve.api import (
     DEFAULT_MAX_ITER,
-    DEFAULT_TOL,
     _as_batch_state,
     _check_args,
     _check_state_against_cell,
     _default_init,
     _default_state,
+    _work_dtype_and_tol,
 )
 from ..solve.cell import FlatCell, State, StateLayout, blocks_to_dense
 from ..solve.iterate import (
@@ -195,9 +195,7 @@ def _solve(cell, inputs, h0, *, group, method, tol, max_iter, jacobian, on_failu
     fc = FlatCell(cell, layout)
     D = layout.D
     cell_dtype = inputs.dtype
-    work_dtype = torch.float32 if inputs.dtype in (torch.bfloat16, torch.float16) else \
-        inputs.dtype
-    tol = float(tol if tol is not None else DEFAULT_TOL.get(inputs.dtype, 1e-5))
+    work_dtype, tol = _work_dtype_and_tol(inputs.dtype, tol)
     X = inputs.reshape(B, T, n)  # (B, T, n)
     T_all = sum(lengths)
     if method == "auto":

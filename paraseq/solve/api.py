@@ -214,6 +214,13 @@ def _default_init(fc: FlatCell, X: Tensor, D: int, cell_dtype: torch.dtype) -> T
     return evaluate(fc, X, torch.zeros(B, T, D, dtype=cell_dtype, device=X.device))
 
 
+def _work_dtype_and_tol(dtype: torch.dtype, tol: float | None) -> tuple[torch.dtype, float]:
+    """The dtype the iteration works in (half precisions accumulate in float32) and the
+    tolerance (``DEFAULT_TOL`` by the inputs' dtype when ``tol`` is None)."""
+    work = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    return work, float(tol if tol is not None else DEFAULT_TOL.get(dtype, 1e-5))
+
+
 def _check_args(cell, inputs, method, tol, max_iter, jacobian, on_failure, grad):
     if not callable(cell):
         raise TypeError(f"solve_recurrence: cell must be callable as cell(x_t, h_prev) -> h_t; "
@@ -385,9 +392,7 @@ def solve_recurrence(
     fc = FlatCell(cell, layout)
     D = layout.D
     cell_dtype = inputs.dtype
-    work_dtype = torch.float32 if inputs.dtype in (torch.bfloat16, torch.float16) else \
-        inputs.dtype
-    tol = float(tol if tol is not None else DEFAULT_TOL.get(inputs.dtype, 1e-5))
+    work_dtype, tol = _work_dtype_and_tol(inputs.dtype, tol)
     X = inputs.reshape(B, T, n)  # (B, T, n)
     h0_flat = _as_batch_state(h0, layout, batch, "h0", inputs).to(work_dtype)  # (B, D)
     if method == "auto":
