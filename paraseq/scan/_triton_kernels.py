@@ -101,3 +101,83 @@ def diag_scan_complex_kernel(a_ptr, b_ptr, x0_ptr, x_ptr, T, D,
         tl.store(x_ptr + offs + 1, xi, mask=m)
         cr = _last_row(xr, rows, BLOCK_T - 1)
         ci = _last_row(xi, rows, BLOCK_T - 1)
+
+
+# Dense a: x_t = a_t @ x_{t-1} + b_t with a (N, T, D, D), b and x (N, T, D), for small D (the
+# state fits one program: D <= 64). A two-level scan over chunks of CHUNK steps (see
+# ``paraseq.scan.gpu.dense_triton_scan``): ``dense_chunk_reduce_kernel`` composes each chunk's
+# steps into one affine map (A_k, B_k) = (a_last ... a_first, the chunk's state from zero), the
+# chunks' maps are scanned (the same two kernels, one level up), and
+# ``dense_chunk_apply_kernel`` re-runs each chunk from its carried-in state, writing x. Each
+# program owns one (row, chunk) pair and walks its chunk step by step: parallel over rows and
+# chunks, log_CHUNK(T) levels, 3 launches a level. Matrices and vectors are padded to BLOCK_D
+# (a power of two) with zeros; padded entries stay zero. USE_DOT picks tl.dot (BLOCK_D >= 16,
+# the smallest tile tl.dot takes; IEEE precision, not TF32) or a broadcast product (tiny D).
+
+
+@triton.jit
+def _matmul(p, q, USE_DOT: tl.constexpr):
+    # p @ q for (BLOCK_D, BLOCK_D) tiles
+    if USE_DOT:
+        return tl.dot(p, q, input_precision="ieee")
+    return tl.sum(p[:, :, None] * q[None, :, :], axis=1)
+
+
+@triton.jit
+def _matvec(p, v):
+    # p @ v for a (BLOCK_D, BLOCK_D) tile and a (BLOCK_D,) vector
+    return tl.sum(p * v[None, :], axis=1)
+
+
+@triton.jit
+def dense_chunk_reduce_kernel(a_ptr, b_ptr, A_ptr, B_ptr, T, D, K,
+                              REVERSE: tl.constexpr, CHUNK: tl.constexpr,
+                              BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr):
+    # program (n, k): A[n, k] = a_{e-1} ... a_s (D, D), B[n, k] = the chunk's state from zero,
+    # over the chunk's steps s..e-1 in scan order (step s reads time T - 1 - s when REVERSE)
+    pid = tl.program_id(0)
+    n = pid // K
+    k = pid % K
+    i = tl.arange(0, BLOCK_D)
+    im = i < D
+    mm = im[:, None] & im[None, :]
+    mat = i[:, None] * D + i[None, :]  # (BLOCK_D, BLOCK_D) offsets inside one D x D matrix
+    eye = tl.where((i[:, None] == i[None, :]) & mm, 1.0, 0.0)
+    acc_a = eye.to(a_ptr.dtype.element_ty)
+    acc_b = tl.zeros((BLOCK_D,), dtype=b_ptr.dtype.element_ty)
+    start = k * CHUNK
+    end = tl.minimum(start + CHUNK, T)
+    for s in range(start, end):
+        t = (T - 1 - s) if REVERSE else s
+        row = n.to(tl.int64) * T + t
+        at = tl.load(a_ptr + row * D * D + mat, mask=mm, other=0.0)
+        bt = tl.load(b_ptr + row * D + i, mask=im, other=0.0)
+        acc_a = _matmul(at, acc_a, USE_DOT)
+        acc_b = _matvec(at, acc_b) + bt
+    out = n.to(tl.int64) * K + k
+    tl.store(A_ptr + out * D * D + mat, acc_a, mask=mm)
+    tl.store(B_ptr + out * D + i, acc_b, mask=im)
+
+
+@triton.jit
+def dense_chunk_apply_kernel(a_ptr, b_ptr, c_ptr, x_ptr, T, D, K,
+                             REVERSE: tl.constexpr, CHUNK: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+    # program (n, k): the chunk's steps from its carried-in state c[n, k] (N, K, D), writing x
+    pid = tl.program_id(0)
+    n = pid // K
+    k = pid % K
+    i = tl.arange(0, BLOCK_D)
+    im = i < D
+    mm = im[:, None] & im[None, :]
+    mat = i[:, None] * D + i[None, :]
+    x = tl.load(c_ptr + (n.to(tl.int64) * K + k) * D + i, mask=im, other=0.0)
+    start = k * CHUNK
+    end = tl.minimum(start + CHUNK, T)
+    for s in range(start, end):
+        t = (T - 1 - s) if REVERSE else s
+        row = n.to(tl.int64) * T + t
+        at = tl.load(a_ptr + row * D * D + mat, mask=mm, other=0.0)
+        bt = tl.load(b_ptr + row * D + i, mask=im, other=0.0)
+        x = _matvec(at, x) + bt
+        tl.store(x_ptr + row * D + i, x, mask=im)

@@ -16,9 +16,21 @@ What it computes: diagonal a, float32, float64, complex64 and complex128 (``line
 bfloat16 and float16 over as float32), forward and reverse. Each program owns one batch row
 and a block of channels and walks time in tiles scanned in log depth, carrying the state from
 tile to tile (see ``_triton_kernels``): parallel over rows and channels, one pass over the
-data (12 bytes per float32 element: read a, read b, write x). Dense a (..., T, D, D) is not a
-Triton kernel here: this backend hands it to the pure-torch ``"parallel"`` scan on the same
-device, whose batched matmuls are what a GPU runs well.
+data (12 bytes per float32 element: read a, read b, write x).
+
+Dense a (..., T, D, D) with D <= ``DENSE_MAX_D`` (64; complex D <= 32): ``dense_triton_scan``,
+a two-level scan over chunks of ``DENSE_CHUNK`` steps (see ``_triton_kernels``), float32 and
+float64. Complex dense a is scanned as the real 2D x 2D system [[Re a, -Im a], [Im a, Re a]]
+acting on (Re x, Im x) (Triton has no complex type; the real form is exact, at 2x the
+multiplies of complex arithmetic). Wider dense a goes to the pure-torch ``"parallel"`` scan on
+the same device, whose batched matmuls are what a GPU runs well at large D.
+
+Why chunks rather than the pure-torch tree for small D: the odd-even tree of ``"parallel"``
+takes 2 log2(T) levels of about 8 torch ops each (about 270 launches at T = 1e5, each reading
+and writing its level's matrices), where a per-program (D, D) product is too small to fill a
+GPU. The chunked form takes 3 launches a level over log_64(T) levels (9 launches at T = 1e5),
+reads a twice and writes x once; each program's chain of DENSE_CHUNK small products runs in
+registers. The ratio on a GPU is ``benchmarks/gpu.py``'s "scan" section (dense rows).
 """
 
 from __future__ import annotations
@@ -41,6 +53,8 @@ INSTALL_HINT = "pip install triton (it comes with CUDA builds of torch)"
 SUPPORTED = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 BLOCK_T = 64  # time steps per tile
 BLOCK_D = 32  # channels per program
+DENSE_MAX_D = 64  # the largest dense state one program holds (real form: complex D <= 32)
+DENSE_CHUNK = 64  # steps a dense program walks
 
 _module = None
 
@@ -91,11 +105,14 @@ def triton_scan(a: Tensor, b: Tensor, x0: Tensor | None, *, dense: bool,
             where = f"triton is not installed ({INSTALL_HINT})"
         raise ValueError(f"linear_scan: backend='triton' cannot run here: {where}; or use "
                          f"backend='auto'")
-    if dense:
-        return parallel_scan(a, b, x0, dense=True, reverse=reverse)
     if b.dtype not in SUPPORTED:
         raise TypeError(f"linear_scan: backend='triton' takes float32, float64, complex64 or "
-                        f"complex128; got {b.dtype}")
+                        f"complex128 (linear_scan computes bfloat16 and float16 in float32); "
+                        f"got {b.dtype}")
+    if dense:
+        if dense_fits(b.shape[-1], b.dtype):
+            return dense_triton_scan(a, b, x0, reverse=reverse)
+        return parallel_scan(a, b, x0, dense=True, reverse=reverse)
     T, D = b.shape[-2], b.shape[-1]
     batch = batch_shape_of(a, b, x0, dense)
     a_r = _rows(a, batch, (T, D))  # (N, T, D)
@@ -121,4 +138,58 @@ def triton_scan(a: Tensor, b: Tensor, x0: Tensor | None, *, dense: bool,
     grid = (N, -(-D // block_d))
     fn[grid](*args, x0_arg, out, T, D, HAS_X0=x0_r is not None, REVERSE=reverse,
              BLOCK_T=BLOCK_T, BLOCK_D=block_d)
+    return x.reshape(*batch, T, D)
+
+
+def dense_fits(D: int, dtype: torch.dtype) -> bool:
+    """Whether dense a with state size D runs as the Triton kernels (else the torch tree)."""
+    return dtype in SUPPORTED and D * (2 if dtype.is_complex else 1) <= DENSE_MAX_D
+
+
+def _real_form(a: Tensor, b: Tensor, x0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Complex (N, T, D, D), (N, T, D), (N, D) as the real system of twice the size."""
+    ar, ai = a.real, a.imag
+    a2 = torch.cat([torch.cat([ar, -ai], dim=-1), torch.cat([ai, ar], dim=-1)], dim=-2)
+    return (a2.contiguous(), torch.cat([b.real, b.imag], dim=-1).contiguous(),
+            torch.cat([x0.real, x0.imag], dim=-1).contiguous())
+
+
+def _dense_rows(a: Tensor, b: Tensor, x0: Tensor, reverse: bool) -> Tensor:
+    """a (N, T, D, D), b (N, T, D), x0 (N, D), contiguous, real: x (N, T, D)."""
+    N, T, D = b.shape
+    K = -(-T // DENSE_CHUNK)  # chunks
+    block_d = max(1, 1 << (D - 1).bit_length())
+    use_dot = block_d >= 16
+    kern = _kernels()
+    if K == 1:
+        carry_in = x0.unsqueeze(1)  # (N, 1, D)
+    else:
+        A = torch.empty((N, K, D, D), dtype=b.dtype, device=b.device)  # (N, K, D, D)
+        B = torch.empty((N, K, D), dtype=b.dtype, device=b.device)  # (N, K, D)
+        kern.dense_chunk_reduce_kernel[(N * K,)](a, b, A, B, T, D, K, REVERSE=reverse,
+                                                 CHUNK=DENSE_CHUNK, BLOCK_D=block_d,
+                                                 USE_DOT=use_dot)
+        ends = _dense_rows(A, B, x0, False)  # (N, K, D): the state after each chunk
+        carry_in = torch.cat([x0.unsqueeze(1), ends[:, :-1]], dim=1).contiguous()
+    x = torch.empty_like(b)  # (N, T, D)
+    kern.dense_chunk_apply_kernel[(N * K,)](a, b, carry_in, x, T, D, K, REVERSE=reverse,
+                                            CHUNK=DENSE_CHUNK, BLOCK_D=block_d)
+    return x
+
+
+def dense_triton_scan(a: Tensor, b: Tensor, x0: Tensor | None, *, reverse: bool) -> Tensor:
+    """Dense a (..., T, D, D) with D <= DENSE_MAX_D (complex: D <= DENSE_MAX_D / 2), float32,
+    float64, complex64 or complex128: x (..., T, D) by the chunked Triton kernels."""
+    T, D = b.shape[-2], b.shape[-1]
+    batch = batch_shape_of(a, b, x0, True)
+    a_r = _rows(a, batch, (T, D, D))  # (N, T, D, D)
+    b_r = _rows(b, batch, (T, D))  # (N, T, D)
+    x0_r = _rows(b.new_zeros(D) if x0 is None else x0, batch, (D,))  # (N, D)
+    if a_r.shape[0] == 0:
+        return torch.empty((*batch, T, D), dtype=b.dtype, device=b.device)
+    if b.is_complex():
+        x2 = _dense_rows(*_real_form(a_r, b_r, x0_r), reverse)  # (N, T, 2 D)
+        x = torch.complex(x2[..., :D], x2[..., D:])
+    else:
+        x = _dense_rows(a_r, b_r, x0_r, reverse)
     return x.reshape(*batch, T, D)
