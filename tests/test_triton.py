@@ -26,6 +26,7 @@ import paraseq  # noqa: E402
 from paraseq.scan import gpu  # noqa: E402
 from paraseq.scan.api import choose_backend  # noqa: E402
 
+pytestmark = pytest.mark.cuda
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
 TOL = {torch.float32: 2e-6, torch.complex64: 2e-6, torch.float64: 1e-13, torch.complex128: 1e-13}
@@ -103,10 +104,10 @@ def test_gradients_are_the_adjoint_scan(reverse):
         torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
 
 
-def test_dense_runs_the_parallel_scan_on_the_device():
+def test_wide_dense_runs_the_parallel_scan_on_the_device():
     g = torch.Generator().manual_seed(2)
-    a = rnd(2, 21, 3, 3, dtype=torch.float64, g=g) / 3
-    b = rnd(2, 21, 3, dtype=torch.float64, g=g)
+    a = rnd(2, 3, 65, 65, dtype=torch.float64, g=g) / 65  # D > DENSE_MAX_D
+    b = rnd(2, 3, 65, dtype=torch.float64, g=g)
     x = paraseq.linear_scan(a.to(DEVICE), b.to(DEVICE), backend="triton")
     assert check(x, scan_numpy(a.numpy(), b.numpy(), dense=True)) <= 1e-13
 
@@ -115,7 +116,8 @@ def test_auto_picks_triton_for_diagonal_cuda_problems():
     cuda = torch.device("cuda")
     assert choose_backend(10_000, 64, 16, False, torch.float32, cuda) == "triton"
     assert choose_backend(10_000, 64, 16, False, torch.complex64, cuda) == "triton"
-    assert choose_backend(10_000, 8, 16, True, torch.float32, cuda) == "parallel"
+    assert choose_backend(10_000, 8, 16, True, torch.float32, cuda) == "triton"
+    assert choose_backend(10_000, 65, 16, True, torch.float32, cuda) == "parallel"
     assert choose_backend(8, 64, 16, False, torch.float32, cuda) == "sequential"
 
 

@@ -54,8 +54,8 @@ BACKENDS: dict[str, Backend] = {
                         f"import); install it ({compiled.INSTALL_HINT})"),
         Backend("triton", triton_scan,
                 "Triton kernels for GPUs: tiles scanned in log depth, parallel over rows and "
-                "channels (dense a: the 'parallel' scan); on the CPU only under "
-                "TRITON_INTERPRET=1",
+                "channels; dense a with D <= 64 in chunks, wider dense a the 'parallel' scan); on "
+                "the CPU only under TRITON_INTERPRET=1",
                 is_available=gpu.triton_available,
                 missing=f"it needs the triton package ({gpu.INSTALL_HINT}) and a GPU, or "
                         f"TRITON_INTERPRET=1 for CPU tensors"),
@@ -98,14 +98,20 @@ def choose_backend(T: int, D: int, batch: int, dense: bool, dtype: torch.dtype,
     - T <= 16: ``"sequential"`` (a handful of steps costs less than any scan's set-up).
     - CUDA, diagonal a, triton installed: ``"triton"`` (one pass over the data; the pure-torch
       backends launch a few kernels per tree level or chunk step).
+    - CUDA, dense a with D <= 64 (complex: D <= 32), triton installed: ``"triton"``, the chunked
+      kernels of ``paraseq.scan.gpu.dense_triton_scan``: 3 launches per level over
+      log_64(T) levels (9 at T = 1e5) against the tree's 2 log2(T) levels of about 8 torch ops
+      each (about 270 at T = 1e5). Chosen by that count; the GPU timing that is to confirm it
+      is ``benchmarks/gpu.py``'s "scan" section (dense rows). Triton missing: ``"parallel"``.
     - CPU, diagonal a, at least 32 scalars per time step (batch * D >= 32): ``"chunked"``,
       which reads the data about twice where the tree reads it about 4 times: as fast as
       ``"parallel"`` at B*D = 64 and T <= 1e5, 1.4x faster at T = 1e6, up to 1.8x at
       B*D = 4096.
-    - everything else (narrow diagonal problems, dense a, any GPU): ``"parallel"``, which is
-      bound by per-op overhead on narrow problems and needs the fewest ops (about 8 per level
-      of log2(T)): 1.6x faster than ``"chunked"`` at B*D = 1, T = 1e6. Dense a makes every op
-      a batched matmul, where the log-depth tree wins too.
+    - everything else (narrow diagonal problems, dense a off CUDA, dense a with D > 64 on
+      CUDA): ``"parallel"``, which is bound by per-op overhead on narrow problems and needs
+      the fewest ops (about 8 per level of log2(T)): 1.6x faster than ``"chunked"`` at
+      B*D = 1, T = 1e6. Dense a makes every op a batched matmul, where the log-depth tree
+      wins too.
     The numbers behind the thresholds are in benchmarks/README.md (``benchmarks/scan.py``).
     """
     if (device.type == "cpu" and dtype in _REAL + _COMPLEX + _LOW
@@ -113,8 +119,9 @@ def choose_backend(T: int, D: int, batch: int, dense: bool, dtype: torch.dtype,
         return "numba" if dense or T >= _NUMBA_MIN_T else "sequential"
     if T <= _SEQUENTIAL_MAX_T:
         return "sequential"
-    if device.type == "cuda" and not dense and dtype in _REAL + _COMPLEX + _LOW and \
-            gpu.triton_available(device):
+    if device.type == "cuda" and dtype in _REAL + _COMPLEX + _LOW and \
+            gpu.triton_available(device) and (
+                not dense or gpu.dense_fits(D, torch.float32 if dtype in _LOW else dtype)):
         return "triton"
     if device.type == "cpu" and not dense and batch * D >= _CHUNKED_MIN_WIDTH:
         return "chunked"
