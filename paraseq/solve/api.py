@@ -379,6 +379,7 @@ def solve_recurrence(
     inputs run the cell in their dtype and everything else in float32.
     """
     _check_args(cell, inputs, method, tol, max_iter, jacobian, on_failure, grad)
+    _check_cell_device(cell, inputs)
     if on_cost not in ON_COST:
         raise ValueError(f"solve_recurrence: on_cost must be one of "
                          f"{', '.join(repr(o) for o in ON_COST)}; got {on_cost!r}")
@@ -791,6 +792,27 @@ class _FirstOrderOnly(torch.autograd.Function):
             "penalty, a Hessian-vector product, MAML) is not supported by the implicit adjoint, "
             "which gives exact first derivatives only; use grad='unrolled' (autograd through "
             "the iterations, exact to any order) or method='sequential'")
+
+
+def _check_cell_device(cell: Callable, inputs: Tensor) -> None:
+    """A cell's tensors on another device than the inputs (a module on CUDA with CPU inputs,
+    or the other way round): a ValueError naming both devices, before anything runs, instead
+    of torch's error from inside the cell. Checks an nn.Module's parameters and buffers (or
+    those of the module a bound method belongs to) and the tensors requiring grad in a
+    function's closure (``_held_tensors``)."""
+    owner = cell if isinstance(cell, torch.nn.Module) else getattr(cell, "__self__", None)
+    if isinstance(owner, torch.nn.Module):
+        named = [(f"the cell's {n}", t) for n, t in (*owner.named_parameters(),
+                                                       *owner.named_buffers())]
+        fix = "cell.to(inputs.device)"
+    else:
+        named = [("a tensor the cell holds", t) for t in _held_tensors(cell)]
+        fix = "move that tensor to inputs.device"
+    for what, t in named:
+        if t.device != inputs.device:
+            raise ValueError(f"solve_recurrence: {what} is on {t.device} but inputs are on "
+                             f"{inputs.device}; put them on one device ({fix}, or "
+                             f"inputs.to({str(t.device)!r}))")
 
 
 def _held_tensors(cell: Callable) -> list[Tensor]:
