@@ -15,6 +15,7 @@ import paraseq.nn as pnn
 from paraseq.cells import modules
 from paraseq.solve import solve_recurrence
 
+pytestmark = pytest.mark.cuda
 CUDA = torch.cuda.is_available()
 OTHERS = ["meta"] + (["cuda"] if CUDA else [])
 
