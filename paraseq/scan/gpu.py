@@ -193,3 +193,51 @@ def dense_triton_scan(a: Tensor, b: Tensor, x0: Tensor | None, *, reverse: bool)
     else:
         x = _dense_rows(a_r, b_r, x0_r, reverse)
     return x.reshape(*batch, T, D)
+
+
+def dense_chunked_twin(a: Tensor, b: Tensor, x0: Tensor | None, *, reverse: bool,
+                       chunk: int | None = None) -> Tensor:
+    """The dense kernels' algorithm in plain torch ops, for testing (differentiable by
+    autograd, any device, any dtype; not a backend: 2 ``chunk`` ops a level).
+
+    The same two levels as ``_dense_rows``: per (row, chunk), the chunk's composed map
+    (A_k, B_k) step by step in scan order, the chunks' maps scanned one level up (the same
+    function), then each chunk re-run from its carried-in state. Steps past T are padded with
+    the identity map. a (..., T, D, D), b (..., T, D), x0 (..., D) or None -> x (..., T, D).
+    """
+    chunk = DENSE_CHUNK if chunk is None else chunk
+    T, D = b.shape[-2], b.shape[-1]
+    batch = batch_shape_of(a, b, x0, True)
+    a = a.expand(*batch, T, D, D).reshape(-1, T, D, D)  # (N, T, D, D)
+    b = b.expand(*batch, T, D).reshape(-1, T, D)  # (N, T, D)
+    x0 = (b.new_zeros(b.shape[0], D) if x0 is None
+          else x0.expand(*batch, D).reshape(-1, D))  # (N, D)
+    if reverse:
+        a, b = a.flip(1), b.flip(1)
+    x = _twin_rows(a, b, x0, chunk)
+    return (x.flip(1) if reverse else x).reshape(*batch, T, D)
+
+
+def _twin_rows(a: Tensor, b: Tensor, x0: Tensor, chunk: int) -> Tensor:
+    N, T, D = b.shape
+    K = -(-T // chunk)
+    pad = K * chunk - T
+    eye = torch.eye(D, dtype=a.dtype, device=a.device)
+    a_p = torch.cat([a, eye.expand(N, pad, D, D)], 1).reshape(N, K, chunk, D, D)
+    b_p = torch.cat([b, b.new_zeros(N, pad, D)], 1).reshape(N, K, chunk, D)
+    if K == 1:
+        carry_in = x0.unsqueeze(1)  # (N, 1, D)
+    else:
+        A = eye.expand(N, K, D, D)  # (N, K, D, D)
+        B = b.new_zeros(N, K, D)  # (N, K, D)
+        for s in range(chunk):
+            A = a_p[:, :, s] @ A
+            B = (a_p[:, :, s] @ B.unsqueeze(-1)).squeeze(-1) + b_p[:, :, s]
+        ends = _twin_rows(A, B, x0, chunk)  # (N, K, D)
+        carry_in = torch.cat([x0.unsqueeze(1), ends[:, :-1]], dim=1)
+    xs = []
+    state = carry_in  # (N, K, D)
+    for s in range(chunk):
+        state = (a_p[:, :, s] @ state.unsqueeze(-1)).squeeze(-1) + b_p[:, :, s]
+        xs.append(state)
+    return torch.stack(xs, dim=2).reshape(N, K * chunk, D)[:, :T]
