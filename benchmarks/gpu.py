@@ -264,10 +264,60 @@ def section_bandwidth(run: Run) -> None:
 
 # --- 3. the dense scan: torch tree against the chunked Triton kernels ---
 
+def op_counts(T: int, D: int) -> tuple[int, int, int]:
+    """Ops one dense scan of (1, T, D, D) issues, counted on the CPU without a GPU: the torch
+    tree's non-view aten ops (each a kernel launch on a GPU), and the chunked path's Triton
+    launches and its own non-view aten ops (the Triton kernels are counted, not run: the
+    recursion's shape depends on T alone). Returns (tree ops, triton launches, triton-path
+    torch ops)."""
+    import types
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from paraseq.scan import gpu
+    from paraseq.scan.parallel import parallel_scan
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+            self.ops += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    launches: list[object] = []
+
+    class Launch:
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append(grid)
+
+    a, b = torch.zeros(1, T, D, D), torch.zeros(1, T, D)  # (1, T, D, D), (1, T, D)
+    with Count() as tree:
+        parallel_scan(a, b, None, dense=True)
+    real = gpu._kernels
+    gpu._kernels = lambda: types.SimpleNamespace(dense_chunk_reduce_kernel=Launch(),
+                                                 dense_chunk_apply_kernel=Launch())
+    try:
+        with Count() as chunked:
+            gpu._dense_rows(a, b, torch.zeros(1, D), False)
+    finally:
+        gpu._kernels = real
+    return tree.ops, len(launches), chunked.ops
+
+
 def section_scan(run: Run) -> None:
     import torch
 
     import paraseq
+
+    for T in (10**3, 10**4, 10**5):  # counted on the CPU in either run: cheap at D = 4
+        tree, launches, ops = op_counts(T, 4)
+        run.add(Row("scan", "op count, dense D=4", "parallel vs triton", "fwd", "", 1, 4, T,
+                    ratio=tree / (launches + ops),
+                    note=f"torch tree {tree} ops; chunked {launches} Triton launches + "
+                         f"{ops} torch ops"))
 
     B, T = (8, 10**4) if not run.dry else (1, 20)
     for D in (4, 16, 64) if not run.dry else (2, 16):

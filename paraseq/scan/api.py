@@ -99,10 +99,10 @@ def choose_backend(T: int, D: int, batch: int, dense: bool, dtype: torch.dtype,
     - CUDA, diagonal a, triton installed: ``"triton"`` (one pass over the data; the pure-torch
       backends launch a few kernels per tree level or chunk step).
     - CUDA, dense a with D <= 64 (complex: D <= 32), triton installed: ``"triton"``, the chunked
-      kernels of ``paraseq.scan.gpu.dense_triton_scan``: 3 launches per level over
-      log_64(T) levels (9 at T = 1e5) against the tree's 2 log2(T) levels of about 8 torch ops
-      each (about 270 at T = 1e5). Chosen by that count; the GPU timing that is to confirm it
-      is ``benchmarks/gpu.py``'s "scan" section (dense rows). Triton missing: ``"parallel"``.
+      kernels of ``paraseq.scan.gpu.dense_triton_scan``: 5 Triton launches and 10 torch ops
+      at T = 1e5 against the tree's 244 torch ops (counted by ``benchmarks/gpu.py --dry-run
+      --sections scan``). Chosen by that count; the GPU timing that is to confirm it is the
+      same section's timed rows, still to be taken. Triton missing: ``"parallel"``.
     - CPU, diagonal a, at least 32 scalars per time step (batch * D >= 32): ``"chunked"``,
       which reads the data about twice where the tree reads it about 4 times: as fast as
       ``"parallel"`` at B*D = 64 and T <= 1e5, 1.4x faster at T = 1e6, up to 1.8x at

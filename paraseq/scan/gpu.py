@@ -26,11 +26,14 @@ multiplies of complex arithmetic). Wider dense a goes to the pure-torch ``"paral
 the same device, whose batched matmuls are what a GPU runs well at large D.
 
 Why chunks rather than the pure-torch tree for small D: the odd-even tree of ``"parallel"``
-takes 2 log2(T) levels of about 8 torch ops each (about 270 launches at T = 1e5, each reading
-and writing its level's matrices), where a per-program (D, D) product is too small to fill a
-GPU. The chunked form takes 3 launches a level over log_64(T) levels (9 launches at T = 1e5),
-reads a twice and writes x once; each program's chain of DENSE_CHUNK small products runs in
-registers. The ratio on a GPU is ``benchmarks/gpu.py``'s "scan" section (dense rows).
+issues a handful of torch ops per level of 2 log2(T) levels, each a kernel launch reading and
+writing its level's matrices, where a (D, D) product is too small to fill a GPU. Counted
+(``benchmarks/gpu.py``'s "scan" section, ``op_counts``; any machine), one dense scan of
+(1, T, 4, 4): the tree 139, 195 and 244 non-view torch ops at T = 1e3, 1e4, 1e5; the chunked
+path 3, 5 and 5 Triton launches (2 a level and the last level's 1) plus 6, 10 and 10 torch
+ops (allocations, the carries' concatenation). It reads a twice and writes x once; each
+program's chain of DENSE_CHUNK small products runs in registers. The time ratio on a GPU is
+the same section's timed rows, still to be taken.
 """
 
 from __future__ import annotations
