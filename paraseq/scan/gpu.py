@@ -163,6 +163,9 @@ def _dense_rows(a: Tensor, b: Tensor, x0: Tensor, reverse: bool) -> Tensor:
     K = -(-T // DENSE_CHUNK)  # chunks
     block_d = max(1, 1 << (D - 1).bit_length())
     use_dot = block_d >= 16
+    # one warp holds a tiny state's tile; tl.dot's tiles want more (a guess until the GPU
+    # section times it)
+    warps = 1 if block_d <= 8 else 4
     kern = _kernels()
     if K == 1:
         carry_in = x0.unsqueeze(1)  # (N, 1, D)
@@ -171,12 +174,13 @@ def _dense_rows(a: Tensor, b: Tensor, x0: Tensor, reverse: bool) -> Tensor:
         B = torch.empty((N, K, D), dtype=b.dtype, device=b.device)  # (N, K, D)
         kern.dense_chunk_reduce_kernel[(N * K,)](a, b, A, B, T, D, K, REVERSE=reverse,
                                                  CHUNK=DENSE_CHUNK, BLOCK_D=block_d,
-                                                 USE_DOT=use_dot)
+                                                 USE_DOT=use_dot, num_warps=warps)
         ends = _dense_rows(A, B, x0, False)  # (N, K, D): the state after each chunk
         carry_in = torch.cat([x0.unsqueeze(1), ends[:, :-1]], dim=1).contiguous()
     x = torch.empty_like(b)  # (N, T, D)
     kern.dense_chunk_apply_kernel[(N * K,)](a, b, carry_in, x, T, D, K, REVERSE=reverse,
-                                            CHUNK=DENSE_CHUNK, BLOCK_D=block_d)
+                                            CHUNK=DENSE_CHUNK, BLOCK_D=block_d,
+                                            num_warps=warps)
     return x
 
 
