@@ -684,10 +684,11 @@ def write_outputs(run: Run, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "gpu.csv"
     with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(asdict(Row("", "", "")).keys()))
-        w.writeheader()
+        names = [k.rstrip("_") for k in asdict(Row("", "", ""))]  # pass_ -> pass
+        w = csv.writer(fh)
+        w.writerow(names)
         for r in run.rows:
-            w.writerow(asdict(r))
+            w.writerow(asdict(r).values())
     print(f"wrote {path}")
     try:
         import matplotlib

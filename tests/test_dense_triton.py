@@ -158,3 +158,11 @@ def test_no_triton_on_cuda_takes_the_torch_tree(monkeypatch):
     monkeypatch.setattr(gpu, "AVAILABLE", False)
     assert choose_backend(10_000, 8, 16, True, torch.float32, cuda) == "parallel"
     assert choose_backend(10_000, 8, 16, True, torch.bfloat16, cuda) == "parallel"
+
+
+def test_a_dtype_the_kernels_lack_is_a_type_error():
+    """linear_scan hands bfloat16/float16 over as float32 (above); the backend function itself
+    names what it takes."""
+    a, b = torch.rand(4, 2, 2, dtype=torch.float16), torch.rand(4, 2, dtype=torch.float16)
+    with pytest.raises(TypeError, match=r"float32, float64.*got torch.float16"):
+        gpu.triton_scan(a.to(DEVICE), b.to(DEVICE), None, dense=True, reverse=False)
