@@ -135,7 +135,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, s0_ptr, do_ptr, dq_ptr, T, K, V, R,
     for start in range(0, T, C):
         t = start + rc
         tmask = t < T
-        q, k, v, G = _load_chunk(q_ptr, k_ptr, v_ptr, g_ptr, r, t, rk, rv,
+        _, k, v, G = _load_chunk(q_ptr, k_ptr, v_ptr, g_ptr, r, t, rk, rv,
                                  T, K, V, GATE, ACC)
         do = tl.load(do_ptr + r * T * V + t.to(tl.int64)[:, None] * V + rv[None, :],
                      mask=tmask[:, None] & (rv < V)[None, :], other=0.0).to(ACC)

@@ -154,7 +154,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = Non
     if not available(q.device):
         raise ValueError(f"linear_attention: form='triton' cannot run here: {why_not(q.device)};"
                          f" or use form='auto' or form='chunked' (the same arithmetic in torch)")
-    B, H, T, K = q.shape
+    T, K = q.shape[-2:]
     if K > MAX_K:
         raise ValueError(f"linear_attention: form='triton' takes a feature size K <= {MAX_K};"
                          f" got {K}; use form='chunked'")
