@@ -262,3 +262,22 @@ def test_large_feature_size_is_refused():
     q = torch.rand(1, 1, 3, 300, device=DEVICE)
     with pytest.raises(ValueError, match="K <= 256"):
         triton_attention(q, q, q)
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_section_dry_run(tmp_path):
+    """benchmarks/attention_gpu.py's section (what benchmarks/gpu.py calls) runs on tiny
+    sizes and its rows agree with the float64 reference."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_gpu.py"
+    spec = importlib.util.spec_from_file_location("attention_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.gpu_section(True, tmp_path, lengths=(20,))
+    forms = {r["form"] for r in rows}
+    assert {"paraseq chunked", "paraseq triton", "torch sdpa"} <= forms
+    assert all(r["ms"] is not None and r["max_err"] < 1e-5 for r in rows), rows
+    assert all(r["max_err_dq"] < 1e-5 for r in rows if r["pass"] == "fwd+bwd")
+    assert (tmp_path / "attention_gpu.json").exists()
