@@ -221,7 +221,7 @@ def test_auto_picks_triton_on_cuda_and_says_so():
     assert choose_form(10_000, 64, **{**pick, "causal": False}) == "chunked"
     cpu = {**pick, "device": torch.device("cpu")}
     assert choose_form(10_000, 64, **cpu) == "chunked"  # CPU behaviour unchanged
-    q, k, v, _ = make("elu1", 1, 1, 300, 4, 4)
+    q, k, v, _ = make("elu1", 1, 1, 600, 4, 4)  # past the parallel form's 512 steps on CUDA
     linear_attention(q, k, v)
     assert last_form() == ("triton" if CUDA else "chunked")
 
