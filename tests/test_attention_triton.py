@@ -141,6 +141,18 @@ def test_gradients_equal_autograd_through_the_loop(cfg, use_state):
         assert rel(got, want) < 1e-10
 
 
+@pytest.mark.parametrize("cfg", ["identity", "mamba2", "gla"])
+def test_wide_features(cfg):
+    """K = 80: a (128)-wide feature block, chunks of 32 (16 for GLA), two value blocks."""
+    inputs, f = _grad_inputs(cfg, 45, 80, 40, seed=4)
+    o, S = f("triton", *inputs)
+    o_ref, S_ref = f("naive", *inputs)
+    assert rel(o, o_ref) < 1e-10 and rel(S, S_ref) < 1e-10
+    got = torch.autograd.grad(o.sum() + S.sum(), inputs)
+    want = torch.autograd.grad(o_ref.sum() + S_ref.sum(), inputs)
+    assert all(rel(a, b) < 1e-10 for a, b in zip(got, want, strict=True))
+
+
 def test_half_precision_accumulates_in_float32():
     q, k, v, kw = make("retnet", 1, 2, 100, 16, 16, dtype=torch.bfloat16)
     q.requires_grad_()

@@ -68,10 +68,16 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _chunk(chunk_size: int, gate: int) -> int:
+def _chunk(chunk_size: int, gate: int, BK: int) -> int:
+    """C: a power of two in [16, 64], 16 with a gate per key feature, at most 32 for K > 64
+    (the (C, BK) tiles of q and k, and the (C, C) ones, stay within a program's registers)."""
     if gate == 2:
         return GLA_CHUNK
-    return min(64, max(16, _pow2(chunk_size)))
+    return min(64 if BK <= 64 else 32, max(16, _pow2(chunk_size)))
+
+
+def _warps(BK: int) -> int:
+    return 8 if BK >= 128 else 4
 
 
 class _TritonChunked(torch.autograd.Function):
@@ -84,7 +90,8 @@ class _TritonChunked(torch.autograd.Function):
         R = B * H
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         gate = 0 if log_g is None else (1 if log_g.shape[-1] == 1 else 2)
-        C, BK = _chunk(chunk_size, gate), max(16, _pow2(K))
+        BK = max(16, _pow2(K))
+        C = _chunk(chunk_size, gate, BK)
         BV = min(BLOCK_V, max(16, _pow2(V)))
         qr, kr = q.reshape(R, T, K).contiguous(), k.reshape(R, T, K).contiguous()  # (R, T, K)
         vr = v.reshape(R, T, V).contiguous()  # (R, T, V)
@@ -98,7 +105,8 @@ class _TritonChunked(torch.autograd.Function):
         grid = (R, -(-V // BV))
         _kernels()._fwd_kernel[grid](
             qr, kr, vr, qr if g is None else g, ST if S0 is None else S0, o, ST, T, K, V,
-            GATE=gate, HAS_S0=S0 is not None, PREC=PRECISION, C=C, BK=BK, BV=BV)
+            GATE=gate, HAS_S0=S0 is not None, PREC=PRECISION, C=C, BK=BK, BV=BV,
+            num_warps=_warps(BK))
         ctx.save_for_backward(qr, kr, vr, g, S0, ST)
         ctx.meta = (B, H, T, K, V, gate, C, BK, BV, log_g is not None and log_g.shape)
         ctx.set_materialize_grads(False)
@@ -120,7 +128,7 @@ class _TritonChunked(torch.autograd.Function):
         dS0 = torch.empty(R, K, V, dtype=acc, device=dev)
         kern = _kernels()
         gp = qr if g is None else g
-        meta = dict(GATE=gate, PREC=PRECISION, C=C, BK=BK, BV=BV)
+        meta = dict(GATE=gate, PREC=PRECISION, C=C, BK=BK, BV=BV, num_warps=_warps(BK))
         kern._dq_kernel[(R, NV)](qr, kr, vr, gp, ST if S0 is None else S0, d_o, dq, T, K, V,
                                  R, HAS_S0=S0 is not None, **meta)
         kern._dkv_kernel[(R, NV)](qr, kr, vr, gp, d_o, ST if dST is None else dST, dk, dv, dS0,
@@ -150,7 +158,8 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None = Non
                      initial_state: Tensor | None = None, causal: bool = True,
                      chunk_size: int = 64) -> tuple[Tensor, Tensor]:
     """Same arguments and results as ``naive.naive_attention``, plus ``chunk_size`` (rounded
-    up to a power of two in [16, 64]; 16 with a gate per key feature)."""
+    up to a power of two in [16, 64]; 32 at most for K > 64; 16 with a gate per key
+    feature)."""
     if not available(q.device):
         raise ValueError(f"linear_attention: form='triton' cannot run here: {why_not(q.device)};"
                          f" or use form='auto' or form='chunked' (the same arithmetic in torch)")
