@@ -20,12 +20,14 @@ Implementations: ``paraseq chunked`` (``form="chunked"``: batched matmuls in tor
 dependency of paraseq; put it on the path, e.g. a git-ignored folder), ``torch sdpa``.
 
 Time: CUDA events around each call, one warm-up call first (it compiles the Triton kernels),
-the median of up to 10 calls (fewer for slow cells, within 10 s). Peak memory: the CUDA
-allocator's peak during one call minus what was allocated before it (inputs excluded),
-outputs and what autograd keeps included. Error: the largest |o - o_ref| / max |o_ref| over
-the output, o_ref by paraseq's chunked form in float64 (which the test suite holds to the
-float64 loop at 1e-10); with a backward, also the same for dq (the gradient of q). SDPA's
-reference is SDPA in float64 where its (H, T, T) float64 scores fit (T <= 1e4), "-" past that.
+the median of up to 10 calls (one for a cell slower than 0.75 s; within 3 s). The whole
+grid: 84 cells (with fla) and 32 float64 references, a few minutes on one GPU (``lengths=``,
+``dims=`` shrink it). Peak memory: the CUDA allocator's peak during one call minus what was
+allocated before it (inputs excluded), outputs and what autograd keeps included. Error: the
+largest |o - o_ref| / max |o_ref| over the output, o_ref by paraseq's chunked form in
+float64 (which the test suite holds to the float64 loop at 1e-10); with a backward, also the
+same for dq (the gradient of q). SDPA's reference is SDPA in float64 where its (H, T, T)
+float64 scores fit (T <= 1e4), "-" past that.
 A cell that runs out of memory or fails says so in ``note``.
 
 ``--dry-run``: tiny sizes (T = 50, d = 16, 2 heads, one timed call), on the GPU if there is
@@ -202,7 +204,7 @@ def gpu_section(dry_run: bool, out_dir, *, lengths=None, dims=None,
     if dry_run:
         lengths, dims, heads, budget, max_reps = lengths or (50,), dims or (16,), 2, 1.0, 1
     else:
-        lengths, dims, heads, budget, max_reps = lengths or LENGTHS, dims or DIMS, HEADS, 10.0, 10
+        lengths, dims, heads, budget, max_reps = lengths or LENGTHS, dims or DIMS, HEADS, 3.0, 10
     fla = _fla() if cuda else None
     triton_ok = chunked_triton.available(device)
     rows: list[dict] = []
