@@ -146,6 +146,46 @@ def test_torch_twin_starts_from_the_same_weights():
         train.Classifier("mamba", 2, 5, 3, "auto", 40)
 
 
+@pytest.mark.parametrize("model", ["linear-attention", "s4"])
+def test_causal_models_ignore_the_padding(model):
+    """Series padded at the end and read at their own last step: the logits of each do not
+    depend on what the padding holds (zeros or garbage), nor on the batch it is in (alone, at
+    its own length, another form of the attention runs: T <= 128 the quadratic one, T = 150 the
+    chunked one); a change inside a series does change its logits."""
+    torch.manual_seed(0)
+    clf = train.Classifier(model, 2, 8, 3, "auto", 150).double().eval()
+    lengths = torch.tensor([150, 37, 100, 5])
+    x = torch.randn(4, 150, 2, dtype=torch.float64)
+    pad = torch.arange(150)[None, :] >= lengths[:, None]  # (B, T)
+    x[pad] = 0.0
+    garbage = x.clone()
+    garbage[pad] = 100 * torch.randn(int(pad.sum()), 2, dtype=torch.float64)
+    with torch.no_grad():
+        ref = clf(x, lengths)  # (B, K)
+        torch.testing.assert_close(clf(garbage, lengths), ref, rtol=1e-12, atol=1e-12)
+        for i, n in enumerate(lengths.tolist()):
+            alone = clf(x[i:i + 1, :n], lengths[i:i + 1])
+            torch.testing.assert_close(alone, ref[i:i + 1], rtol=1e-10, atol=1e-12)
+        inside = x.clone()
+        inside[1, 30] += 1.0  # step 30 of the series of length 37
+        moved = clf(inside, lengths)
+    assert (moved[1] - ref[1]).abs().max() > 1e-6
+    torch.testing.assert_close(moved[[0, 2, 3]], ref[[0, 2, 3]], rtol=0, atol=0)
+
+
+def test_linear_attention_trains_on_variable_length_data(tmp_path):
+    data = synthetic(variable=True)
+    res = train.run(cfg(model="linear-attention", method="auto", hidden=8, epochs=2), data,
+                    tmp_path)
+    assert res["epochs_run"] == 2 and 0 <= res["test_acc"] <= 1
+    steps = [r for r in rows(tmp_path) if r["kind"] == "step"]
+    # no nonlinear recurrence: no Newton iterations, and no cell whose exponent to track
+    assert all(r["iterations"] == "0" for r in steps)
+    assert {r["lle"] for r in steps} <= {"", "nan"}
+    with pytest.raises(ValueError, match=r"method='torch'.*gru and lstm only"):
+        train.Classifier("linear-attention", 2, 8, 3, "torch", 40)
+
+
 def test_aeon_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "aeon", None)
     monkeypatch.setitem(sys.modules, "aeon.datasets", None)

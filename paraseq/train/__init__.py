@@ -1,6 +1,7 @@
 """Training on real data: aeon's bundled UCR/UEA time series classification datasets, a
-recurrent (or S4) classifier solved by paraseq (or torch.nn's own modules, from the same
-initial weights), with early stopping, metrics, atomic checkpoints and exact resume.
+recurrent (or S4, or linear-attention) classifier solved by paraseq (or torch.nn's own
+modules, from the same initial weights), with early stopping, metrics, atomic checkpoints and
+exact resume.
 ``python -m paraseq train`` is its command line. aeon is optional: pip install 'paraseq[data]'.
 """
 
