@@ -10,7 +10,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,3 +221,81 @@ def test_unknown_dataset_lists_the_available_ones():
     pytest.importorskip("aeon")
     with pytest.raises(ValueError, match=r"unknown dataset 'NoSuch'.*GunPoint"):
         train.load("NoSuch")
+
+
+# The child's stall: a sitecustomize module (imported by Python at start-up, from PYTHONPATH)
+# that wraps Adam's step. At the optimizer step STALL_AT it writes a marker file and sleeps
+# instead of stepping: steps 1 .. STALL_AT - 1 are done and in the metrics, the run is
+# mid-epoch, and the kill lands at a known point whatever the machine's speed.
+STALL = """
+import os, pathlib, time
+import torch
+
+_step, _count = torch.optim.Adam.step, [0]
+
+
+def step(self, *args, **kwargs):
+    _count[0] += 1
+    if _count[0] == int(os.environ["PARASEQ_TEST_STALL_AT"]):
+        pathlib.Path(os.environ["PARASEQ_TEST_STALL_MARKER"]).write_text("stalled")
+        time.sleep(600)
+    return _step(self, *args, **kwargs)
+
+
+torch.optim.Adam.step = step
+"""
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
+    """``python -m paraseq train`` on a real dataset, killed with SIGKILL mid-epoch 2 (epoch 1
+    checkpointed, steps of epoch 2 already in the metrics), then ``--resume``: the metrics,
+    the final weights and the test accuracy equal an uninterrupted run's, bit for bit (CPU)."""
+    pytest.importorskip("aeon")
+    from paraseq.cli import main
+
+    # UnitTest: 16 training series, batches of 4: 4 steps an epoch
+    args = ["train", "--dataset", "UnitTest", "--model", "gru", "--method", "newton",
+            "--hidden", "4", "--epochs", "3", "--batch-size", "4", "--lle-every", "3",
+            "--patience", "10", "--threads", "1", "--no-progress", "--no-plot"]
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    (hook := tmp_path / "hook").mkdir()
+    (hook / "sitecustomize.py").write_text(STALL)
+    marker = tmp_path / "stalled"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)]),
+           "PARASEQ_TEST_STALL_AT": "7", "PARASEQ_TEST_STALL_MARKER": str(marker)}
+    cmd = [sys.executable, "-m", "paraseq", *args, "--out", str(tmp_path / "run")]
+    child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            if child.poll() is not None:
+                pytest.fail(f"the run ended before its stall (exit {child.returncode}):\n"
+                            f"{child.stderr.read()}")
+            assert time.monotonic() < deadline, "the run did not reach its stall in 120 s"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.communicate()
+    folder = tmp_path / "run" / "UnitTest_gru_newton_seed0"
+    killed = rows(folder)
+    assert [r["step"] for r in killed if r["kind"] == "step"] == [str(i) for i in range(1, 7)]
+    assert (folder / "checkpoint.pt").exists() and not (folder / "result.json").exists()
+
+    # the resume runs here (the same command line's code; a second child would only add
+    # another start-up of torch and aeon)
+    assert main([*args, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    ref = tmp_path / "ref" / "UnitTest_gru_newton_seed0"
+    assert rows(folder) == rows(ref)  # losses, accuracies, Newton iterations, LLE
+    a, b = (json.loads((f / "result.json").read_text()) for f in (folder, ref))
+    assert (a["test_acc"], a["test_loss"], a["steps"]) == (b["test_acc"], b["test_loss"], 12)
+    wa, wb = (train.loop.read_checkpoint(f / "checkpoint.pt") for f in (folder, ref))
+    for k, v in wb["model"].items():
+        assert torch.equal(wa["model"][k], v), k
+    for k, v in wb["best"]["state"].items():
+        assert torch.equal(wa["best"]["state"][k], v), k
