@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from paraseq import train
 from paraseq.bench import cpu_name, format_table
+from paraseq.train.published import describe
 
 METHODS = ("auto", "newton", "torch")
 
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(["dataset", "model", "test accuracy", "s / epoch", "iterations / step"],
                        rows, markdown=True))
+    print()
+    for name in args.datasets:
+        print(describe(name))
     return 0
 
 

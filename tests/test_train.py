@@ -299,3 +299,31 @@ def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
         assert torch.equal(wa["model"][k], v), k
     for k, v in wb["best"]["state"].items():
         assert torch.equal(wa["best"]["state"][k], v), k
+
+
+def test_published_accuracies_are_read_offline(monkeypatch):
+    """The reference accuracies aeon ships, read with no network: the same numbers aeon's own
+    loader reads from those files; none for a dataset they do not cover."""
+    pytest.importorskip("aeon")
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("the network is blocked in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    from aeon.benchmarking.results_loaders import get_estimator_results
+
+    from paraseq.train.published import ESTIMATORS, _folder, describe
+
+    figures = train.published("OSULeaf")
+    assert [p.estimator for p in figures] == list(ESTIMATORS)
+    theirs = get_estimator_results(list(ESTIMATORS), datasets=["OSULeaf"], num_resamples=None,
+                                   path=str(_folder().parent.parent))
+    for p in figures:
+        accs = theirs[p.estimator]["OSULeaf"]
+        assert p.resamples == len(accs) == 30  # (pandas' fast parser may differ by an ulp)
+        assert p.default_split == pytest.approx(float(accs[0]), rel=1e-15)
+        assert p.mean == pytest.approx(float(np.mean(accs)), rel=1e-12)
+    assert train.published("JapaneseVowels") == []
+    assert "none ship offline" in describe("JapaneseVowels")
+    assert "HC2 " in describe("OSULeaf") and "quoted" in describe("OSULeaf")

@@ -8,6 +8,7 @@ exact resume.
 from .data import Dataset, Split, available, from_arrays, load
 from .loop import CheckpointError, Config, plot, run
 from .model import MODELS, TRAIN_METHODS, Classifier
+from .published import Published, published
 
 __all__ = ["MODELS", "TRAIN_METHODS", "CheckpointError", "Classifier", "Config", "Dataset",
-           "Split", "available", "from_arrays", "load", "plot", "run"]
+           "Published", "Split", "available", "from_arrays", "load", "plot", "published", "run"]
