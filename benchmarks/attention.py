@@ -26,9 +26,10 @@ Targets (measured in this process, candidate and baseline interleaved, median of
 - decoding: one recurrent step (``linear_attention`` on one token with the state) against
   re-running the parallel form on the 4096-step prefix (target >= 20x per token).
 
-``--quick`` (the CI smoke line): T = 1e3 and d = 64 only, and the targets at T = 2e3 and a
-512-step prefix; a few seconds. The load average is printed at the start and the end: the
-timings of a shared machine are only as good as it.
+``--targets``: the chunked form's cells at d = 64 only (its memory at the three T), then the
+timed targets. ``--quick`` (the CI smoke line): T = 1e3 and d = 64 only, and the targets at
+T = 2e3 and a 512-step prefix; a few seconds. The load average is printed at the start and
+the end: the timings of a shared machine are only as good as it.
 """
 
 from __future__ import annotations
@@ -179,6 +180,9 @@ def targets(T: int, prefix: int, repeats: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="T = 1e3, d = 64: a smoke run")
+    p.add_argument("--targets", action="store_true",
+                   help="the targets only: the chunked form's grid cells at d = 64 (memory at "
+                        "three T), then the timed targets")
     p.add_argument("--markdown", action="store_true", help="GitHub markdown tables")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--worker", nargs=4, metavar=("METHOD", "T", "D", "PASSES"),
@@ -190,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     lengths = (1000,) if args.quick else (1000, 10_000, 100_000)
-    dims = (64,) if args.quick else (64, 128)
+    dims = (64,) if args.quick or args.targets else (64, 128)
+    methods = ("chunked",) if args.targets else METHODS
     print(f"# paraseq.attention on {cpu_name()}, torch {torch.__version__}, {args.threads} "
           f"thread(s); load average at start {os.getloadavg()[0]:.2f}")
     print(f"# causal, batch {B}, {H} heads, float32, elu1 + normaliser, chunk {CHUNK}\n")
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(cells)}] d = {d}, {passes}, T = {T:,}", file=sys.stderr, flush=True)
         row = [f"{T:,}", str(d), passes]
         res = {}
-        for method in METHODS:
+        for method in methods:
             why = skip_reason(method, T, d, passes)
             if why:
                 est = ""
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         sd, ch = res.get("sdpa", {}), res.get("chunked", {})
         row.append(f"{sd['time'] / ch['time']:.1f}x" if "time" in sd and "time" in ch else "")
         rows.append(row)
-    print(format_table(["T", "d", "pass", *(f"{m} (time / peak)" for m in METHODS),
+    print(format_table(["T", "d", "pass", *(f"{m} (time / peak)" for m in methods),
                         "SDPA / chunked"], rows, markdown=args.markdown))
     print()
     for d in dims:

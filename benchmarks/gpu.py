@@ -33,10 +33,12 @@ failure of one measurement (out of memory, a peer's error) is a row with the err
    ``seq1d`` (JAX) at the DEER paper's setting (GRU, input 2, batch 16, T 1e4, hidden 1, 8
    and 32). Peers are imported only if present: put them in ``peers/`` (git-ignored; see
    benchmarks/README.md), which this script puts on sys.path with each of its subfolders.
-6. ``attention``: ``paraseq.attention.linear_attention`` (chunked form; the Triton form too
-   where ``paraseq.attention.FORMS`` has one) against fla's ``chunk_linear_attn`` and
-   ``chunk_gla`` (if importable) and torch's causal ``scaled_dot_product_attention``, B 1,
-   4 heads, d 64, T {1e3, 1e4, 1e5}, forward and forward + backward.
+6. ``attention``: ``benchmarks/attention_gpu.py``'s ``gpu_section`` one T at a time (T 1e3,
+   1e4, 1e5; d 64): ``paraseq.attention.linear_attention`` chunked and Triton forms against
+   fla's ``chunk_linear_attn`` and ``chunk_gla`` (if importable) and torch's causal
+   ``scaled_dot_product_attention``, forward and forward + backward, errors against float64
+   and peak memory (its own files under ``attention/``); ratio = SDPA's time / the row's.
+   Without that file, a plain comparison of the same APIs.
 
 Output (``--out``, default paraseq-out/gpu): ``gpu.csv`` (one row per measurement: section,
 case, implementation, pass, dtype, sizes, ms, the ratio against the section's baseline, error,
@@ -603,6 +605,41 @@ def _deer(run: Run) -> None:
 # --- 6. linear attention ---
 
 def section_attention(run: Run) -> None:
+    """benchmarks/attention_gpu.py's ``gpu_section`` (paraseq chunked and Triton, fla, SDPA;
+    errors against float64, peak memory) one T at a time under this section's clock, at
+    d = 64; where that file is missing, the plain comparison below."""
+    try:
+        import attention_gpu
+    except ImportError:
+        return _attention_plain(run)
+    out = Path(run.args.out_dir) / "attention"
+    for T in (10**3, 10**4, 10**5) if not run.dry else (50,):
+        if run.left() <= 0:
+            run.skip("attention", f"T={T:.0e}")
+            continue
+        rows = attention_gpu.gpu_section(run.dry, out / f"T{T}", lengths=(T,),
+                                         dims=(64,) if not run.dry else (16,))
+        base: dict[tuple, float] = {}
+        for r in rows:
+            if r["ms"] is not None and r["form"] == "torch sdpa":
+                base[r["pass"]] = r["ms"]
+        for r in rows:
+            ms = r["ms"]
+            sdpa = base.get(r["pass"])
+            note = r["note"] or ""
+            if r["peak_mib"] is not None:
+                note = f"peak {r['peak_mib']:.0f} MiB; {note}".rstrip("; ")
+            if r["max_err_dq"] is not None:
+                note = f"{note}; dq err {r['max_err_dq']:.1e}".lstrip("; ")
+            run.add(Row("attention", f"{r['op']} T={T:.0e} d={r['d']} heads={r['heads']}",
+                        r["form"], r["pass"], r["dtype"], r["batch"], r["heads"], T,
+                        "" if ms is None else ms,
+                        "" if ms is None or sdpa is None else sdpa / ms,
+                        "" if r["max_err"] is None else r["max_err"],
+                        note="error: " + note if note.startswith("failed") else note))
+
+
+def _attention_plain(run: Run) -> None:
     import torch
     import torch.nn.functional as F
 
@@ -789,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: run with --dry-run on a CPU", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else ROOT / "paraseq-out" / "gpu"
+    args.out_dir = str(out)
     print(f"benchmarks/gpu.py: {describe(run)}; budget {args.budget:.0f} s; sections "
           f"{','.join(chosen)}; peers on sys.path: {added or 'none'}", flush=True)
     fns = {name: globals()[f"section_{name}"] for name in SECTIONS}

@@ -1,6 +1,7 @@
 """paraseq.nn.GRU (method auto and forced newton) against torch.nn.GRU from the same initial
 weights on the same batches, on aeon's bundled UCR/UEA datasets: test accuracy (mean +- std
-over seeds), time per epoch, Newton iterations per step. Needs aeon (pip install
+over seeds), time per epoch, Newton iterations per step, and the published accuracies aeon
+ships for the dataset (quoted, see paraseq.train.published). Needs aeon (pip install
 'paraseq[data]').
 
     python benchmarks/train.py [--quick] [--datasets A B ...] [--seeds N] [--epochs E]
@@ -23,15 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from paraseq import train
 from paraseq.bench import cpu_name, format_table
+from paraseq.train.published import describe, published
 
 METHODS = ("auto", "newton", "torch")
+HEADER = ["dataset", "model", "test accuracy", "s / epoch", "iterations / step",
+          "published (default split; quoted)"]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one dataset, one seed, 2 epochs")
     p.add_argument("--datasets", nargs="+",
-                   default=["BasicMotions", "GunPoint", "JapaneseVowels"])
+                   default=["BasicMotions", "GunPoint", "ItalyPowerDemand", "JapaneseVowels"])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--hidden", type=int, default=16)
@@ -49,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.datasets:
         data = train.load(name)
+        quoted = ", ".join(f"{f.estimator} {f.default_split:.3f}" for f in published(name)
+                           if f.estimator in ("HC2", "InceptionTime")) or "none offline"
         for method in METHODS:
             accs, secs, iters = [], [], []
             for seed in range(args.seeds):
@@ -70,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([name + (" (variable length)" if data.variable_length else ""),
                          "torch.nn.GRU" if method == "torch" else f"paraseq GRU {method}",
                          f"{statistics.mean(accs):.3f} +- {std:.3f}",
-                         f"{statistics.median(secs):.2f}", f"{statistics.mean(iters):.1f}"])
-            print(format_table(["dataset", "model", "test accuracy", "s / epoch",
-                                "iterations / step"], rows[-1:], markdown=True).splitlines()[-1],
-                  flush=True)
+                         f"{statistics.median(secs):.2f}", f"{statistics.mean(iters):.1f}",
+                         quoted if method == METHODS[0] else ""])
+            print(format_table(HEADER, rows[-1:], markdown=True).splitlines()[-1], flush=True)
     print()
-    print(format_table(["dataset", "model", "test accuracy", "s / epoch", "iterations / step"],
-                       rows, markdown=True))
+    print(format_table(HEADER, rows, markdown=True))
+    print()
+    for name in args.datasets:
+        print(describe(name))
     return 0
 
 

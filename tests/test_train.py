@@ -10,7 +10,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,6 +151,46 @@ def test_torch_twin_starts_from_the_same_weights():
         train.Classifier("mamba", 2, 5, 3, "auto", 40)
 
 
+@pytest.mark.parametrize("model", ["linear-attention", "s4"])
+def test_causal_models_ignore_the_padding(model):
+    """Series padded at the end and read at their own last step: the logits of each do not
+    depend on what the padding holds (zeros or garbage), nor on the batch it is in (alone, at
+    its own length, another form of the attention runs: T <= 128 the quadratic one, T = 150 the
+    chunked one); a change inside a series does change its logits."""
+    torch.manual_seed(0)
+    clf = train.Classifier(model, 2, 8, 3, "auto", 150).double().eval()
+    lengths = torch.tensor([150, 37, 100, 5])
+    x = torch.randn(4, 150, 2, dtype=torch.float64)
+    pad = torch.arange(150)[None, :] >= lengths[:, None]  # (B, T)
+    x[pad] = 0.0
+    garbage = x.clone()
+    garbage[pad] = 100 * torch.randn(int(pad.sum()), 2, dtype=torch.float64)
+    with torch.no_grad():
+        ref = clf(x, lengths)  # (B, K)
+        torch.testing.assert_close(clf(garbage, lengths), ref, rtol=1e-12, atol=1e-12)
+        for i, n in enumerate(lengths.tolist()):
+            alone = clf(x[i:i + 1, :n], lengths[i:i + 1])
+            torch.testing.assert_close(alone, ref[i:i + 1], rtol=1e-10, atol=1e-12)
+        inside = x.clone()
+        inside[1, 30] += 1.0  # step 30 of the series of length 37
+        moved = clf(inside, lengths)
+    assert (moved[1] - ref[1]).abs().max() > 1e-6
+    torch.testing.assert_close(moved[[0, 2, 3]], ref[[0, 2, 3]], rtol=0, atol=0)
+
+
+def test_linear_attention_trains_on_variable_length_data(tmp_path):
+    data = synthetic(variable=True)
+    res = train.run(cfg(model="linear-attention", method="auto", hidden=8, epochs=2), data,
+                    tmp_path)
+    assert res["epochs_run"] == 2 and 0 <= res["test_acc"] <= 1
+    steps = [r for r in rows(tmp_path) if r["kind"] == "step"]
+    # no nonlinear recurrence: no Newton iterations, and no cell whose exponent to track
+    assert all(r["iterations"] == "0" for r in steps)
+    assert {r["lle"] for r in steps} <= {"", "nan"}
+    with pytest.raises(ValueError, match=r"method='torch'.*gru and lstm only"):
+        train.Classifier("linear-attention", 2, 8, 3, "torch", 40)
+
+
 def test_aeon_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "aeon", None)
     monkeypatch.setitem(sys.modules, "aeon.datasets", None)
@@ -176,3 +221,109 @@ def test_unknown_dataset_lists_the_available_ones():
     pytest.importorskip("aeon")
     with pytest.raises(ValueError, match=r"unknown dataset 'NoSuch'.*GunPoint"):
         train.load("NoSuch")
+
+
+# The child's stall: a sitecustomize module (imported by Python at start-up, from PYTHONPATH)
+# that wraps Adam's step. At the optimizer step STALL_AT it writes a marker file and sleeps
+# instead of stepping: steps 1 .. STALL_AT - 1 are done and in the metrics, the run is
+# mid-epoch, and the kill lands at a known point whatever the machine's speed.
+STALL = """
+import os, pathlib, time
+import torch
+
+_step, _count = torch.optim.Adam.step, [0]
+
+
+def step(self, *args, **kwargs):
+    _count[0] += 1
+    if _count[0] == int(os.environ["PARASEQ_TEST_STALL_AT"]):
+        pathlib.Path(os.environ["PARASEQ_TEST_STALL_MARKER"]).write_text("stalled")
+        time.sleep(600)
+    return _step(self, *args, **kwargs)
+
+
+torch.optim.Adam.step = step
+"""
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
+    """``python -m paraseq train`` on a real dataset, killed with SIGKILL mid-epoch 2 (epoch 1
+    checkpointed, steps of epoch 2 already in the metrics), then ``--resume``: the metrics,
+    the final weights and the test accuracy equal an uninterrupted run's, bit for bit (CPU)."""
+    pytest.importorskip("aeon")
+    from paraseq.cli import main
+
+    # UnitTest: 16 training series, batches of 4: 4 steps an epoch
+    args = ["train", "--dataset", "UnitTest", "--model", "gru", "--method", "newton",
+            "--hidden", "4", "--epochs", "3", "--batch-size", "4", "--lle-every", "3",
+            "--patience", "10", "--threads", "1", "--no-progress", "--no-plot"]
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    (hook := tmp_path / "hook").mkdir()
+    (hook / "sitecustomize.py").write_text(STALL)
+    marker = tmp_path / "stalled"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)]),
+           "PARASEQ_TEST_STALL_AT": "7", "PARASEQ_TEST_STALL_MARKER": str(marker)}
+    cmd = [sys.executable, "-m", "paraseq", *args, "--out", str(tmp_path / "run")]
+    child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            if child.poll() is not None:
+                pytest.fail(f"the run ended before its stall (exit {child.returncode}):\n"
+                            f"{child.stderr.read()}")
+            assert time.monotonic() < deadline, "the run did not reach its stall in 120 s"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.communicate()
+    folder = tmp_path / "run" / "UnitTest_gru_newton_seed0"
+    killed = rows(folder)
+    assert [r["step"] for r in killed if r["kind"] == "step"] == [str(i) for i in range(1, 7)]
+    assert (folder / "checkpoint.pt").exists() and not (folder / "result.json").exists()
+
+    # the resume runs here (the same command line's code; a second child would only add
+    # another start-up of torch and aeon)
+    assert main([*args, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    ref = tmp_path / "ref" / "UnitTest_gru_newton_seed0"
+    assert rows(folder) == rows(ref)  # losses, accuracies, Newton iterations, LLE
+    a, b = (json.loads((f / "result.json").read_text()) for f in (folder, ref))
+    assert (a["test_acc"], a["test_loss"], a["steps"]) == (b["test_acc"], b["test_loss"], 12)
+    wa, wb = (train.loop.read_checkpoint(f / "checkpoint.pt") for f in (folder, ref))
+    for k, v in wb["model"].items():
+        assert torch.equal(wa["model"][k], v), k
+    for k, v in wb["best"]["state"].items():
+        assert torch.equal(wa["best"]["state"][k], v), k
+
+
+def test_published_accuracies_are_read_offline(monkeypatch):
+    """The reference accuracies aeon ships, read with no network: the same numbers aeon's own
+    loader reads from those files; none for a dataset they do not cover."""
+    pytest.importorskip("aeon")
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("the network is blocked in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    from aeon.benchmarking.results_loaders import get_estimator_results
+
+    from paraseq.train.published import ESTIMATORS, _folder, describe
+
+    figures = train.published("OSULeaf")
+    assert [p.estimator for p in figures] == list(ESTIMATORS)
+    theirs = get_estimator_results(list(ESTIMATORS), datasets=["OSULeaf"], num_resamples=None,
+                                   path=str(_folder().parent.parent))
+    for p in figures:
+        accs = theirs[p.estimator]["OSULeaf"]
+        assert p.resamples == len(accs) == 30  # (pandas' fast parser may differ by an ulp)
+        assert p.default_split == pytest.approx(float(accs[0]), rel=1e-15)
+        assert p.mean == pytest.approx(float(np.mean(accs)), rel=1e-12)
+    assert train.published("JapaneseVowels") == []
+    assert "none ship offline" in describe("JapaneseVowels")
+    assert "HC2 " in describe("OSULeaf") and "quoted" in describe("OSULeaf")

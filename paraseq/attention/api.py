@@ -15,7 +15,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from . import chunked_triton
 from .chunked import chunked_attention
+from .chunked_triton import triton_attention
 from .features import FEATURE_MAPS, NON_CAUSAL
 from .naive import naive_attention, naive_linformer
 from .parallel import parallel_attention
@@ -26,6 +28,7 @@ FORMS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "parallel": parallel_attention,
     "recurrent": recurrent_attention,
     "chunked": chunked_attention,
+    "triton": triton_attention,
 }
 LAYOUTS = ("bhtd", "bthd")
 SIMILARITIES = (*FEATURE_MAPS, "linformer")
@@ -40,6 +43,8 @@ def choose_form(T: int, K: int, *, causal: bool, gate_over_k: bool, needs_grad: 
     a couple of chunks (one matmul beats bookkeeping; on a GPU up to 512 steps), else chunked.
     The recurrent loop is never picked for T > 1 when gradients are needed: autograd would keep
     one (K, V) state per step. A gate over K makes the quadratic form O(T^2 K): it stays short.
+    Where the chunked form would run causally on a GPU, the Triton kernels of the same
+    arithmetic run instead (``"triton"``) when triton is installed and K <= 256.
     """
     if T <= 1:
         return "recurrent"
@@ -52,7 +57,20 @@ def choose_form(T: int, K: int, *, causal: bool, gate_over_k: bool, needs_grad: 
         return "parallel"
     if not needs_grad and T <= 4:
         return "recurrent"
+    if device.type == "cuda" and K <= chunked_triton.MAX_K and chunked_triton.available(device):
+        return "triton"
     return "chunked"
+
+
+_last = {"form": ""}
+
+
+def last_form() -> str:
+    """The form the latest ``linear_attention`` call in this process ran (``form="auto"``'s
+    choice, or the form asked for): ``"parallel"``, ``"recurrent"``, ``"chunked"``,
+    ``"triton"``, ``"naive"``, ``"linformer"``; ``""`` before the first call.
+    ``paraseq.nn.LinearAttention.last_form`` holds the same for a module's latest forward."""
+    return _last["form"]
 
 
 def _bad(arg: str, got: object, need: str) -> ValueError:
@@ -126,7 +144,9 @@ def linear_attention(
         causal: each query sees only the keys up to its own step.
         form: ``"auto"`` (see ``choose_form``), ``"parallel"`` (the masked quadratic product),
             ``"recurrent"`` (the step loop), ``"chunked"`` (quadratic in chunks, a scan across
-            them: O(T) memory), or ``"naive"`` (the float64 loop: the reference).
+            them: O(T) memory), ``"triton"`` (the chunked form as Triton kernels, forward and
+            backward: CUDA tensors, or CPU ones under triton's interpreter), or ``"naive"``
+            (the float64 loop: the reference). ``last_form()`` says which ran.
         chunk_size: C of the chunked form.
         initial_state: (B, H, K, V') the state before step 1, K the feature size (d, or d + 1
             for taylor), V' = d_v, or d_v + 1 when normalising (the last column holds the
@@ -205,6 +225,7 @@ def linear_attention(
             vp = torch.einsum("rt,bhtv->bhrv", Fp, v)  # (B, H, R, d_v)
             o = torch.softmax(q @ kp.transpose(-1, -2) * sc, dim=-1) @ vp  # (B, H, T, d_v)
         o = o.to(out_dtype)
+        _last["form"] = "linformer"
         return o.transpose(1, 2) if layout == "bthd" else o
     if projection is not None:
         raise _bad("projection", "a value", "is only used with feature_map='linformer'")
@@ -265,8 +286,13 @@ def linear_attention(
         seg_T = T if cu is None else int((cu[1:] - cu[:-1]).max())
         form = choose_form(seg_T, K_feat, causal=causal, gate_over_k=gate_over_k,
                            needs_grad=needs_grad, device=q.device, chunk_size=chunk_size)
+    if form == "triton" and not chunked_triton.available(q.device):
+        why = chunked_triton.why_not(q.device)
+        raise _bad("form", "'triton'", f"'triton' cannot run here: {why}; or use form='auto' "
+                   "or form='chunked' (the same arithmetic in torch)")
     fn = FORMS[form]
-    kwargs = {"chunk_size": chunk_size} if form == "chunked" else {}
+    kwargs = {"chunk_size": chunk_size} if form in ("chunked", "triton") else {}
+    _last["form"] = form
 
     def attend(qs: Tensor, ks: Tensor, vs: Tensor, lgs: Tensor | None, S0: Tensor | None):
         fq, fk = phi_q(qs), phi_k(ks)  # (B, H, T, K)

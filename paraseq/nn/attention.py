@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import linear_attention
+from ..attention import last_form, linear_attention
 from ..attention.api import SIMILARITIES
 
 GATES = (None, "decay", "scalar", "gla")
@@ -39,7 +39,8 @@ class LinearAttention(nn.Module):
         head_norm: RMS-normalise each head's output before the output projection (RetNet and
             GLA do, as their outputs are not normalised); None: True when not normalising.
         bias: biases in the projections.
-        form: passed to ``linear_attention`` (``"auto"`` picks by length).
+        form: passed to ``linear_attention`` (``"auto"`` picks by length and device); the
+            attribute ``last_form`` reads the form the latest forward ran.
         chunk_size: passed to ``linear_attention``.
     """
 
@@ -65,6 +66,7 @@ class LinearAttention(nn.Module):
         self.feature_map, self.gate_kind, self.form, self.chunk_size = (
             feature_map, gate, form, chunk_size)
         self.normalize = feature_map != "identity" if normalize is None else normalize
+        self.last_form = ""  # the form the latest forward ran (paraseq.attention.last_form)
         self.head_norm = (not self.normalize) if head_norm is None else head_norm
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
@@ -104,6 +106,7 @@ class LinearAttention(nn.Module):
             decay=self.decay if self.gate_kind == "decay" else None, gate=self._gate(x),
             form=form or self.form, chunk_size=self.chunk_size, initial_state=state,
             return_state=True, cu_seqlens=cu_seqlens, layout="bthd")  # (B, T, H, Dh)
+        self.last_form = last_form()
         if self.head_norm:
             o = F.rms_norm(o, (o.shape[-1],))
         y = self.out_proj(o.reshape(B, T, self.embed_dim))  # (B, T, E)

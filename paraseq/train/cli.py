@@ -13,6 +13,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from . import CheckpointError, Config, load, plot, run
+    from .published import describe
 
     if args.seeds < 1 or args.epochs < 1 or args.hidden < 1 or args.batch_size < 1:
         print("error: --seeds, --epochs, --hidden and --batch-size must be >= 1",
@@ -50,6 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     accs = [r["test_acc"] for r in results]
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
     print(f"test accuracy over {len(accs)} seed(s): {statistics.mean(accs):.4f} +- {std:.4f}")
+    print(describe(args.dataset))
     return 0
 
 

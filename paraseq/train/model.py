@@ -1,18 +1,27 @@
-"""The classifiers ``python -m paraseq train`` fits: one recurrent (or S4) layer read at each
-series' last valid step, then a linear head.
+"""The classifiers ``python -m paraseq train`` fits: one recurrent layer (or an S4 block, or a
+causal linear-attention Transformer block) read at each series' last valid step, then a linear
+head. Series of different lengths are padded at the end: the recurrent layers see them packed
+(each stops at its own length); S4 and linear attention are causal, so a step never sees the
+padding after it and reading each series at its own last step ignores the padding exactly
+(up to the rounding of the longer sequence's chunking).
 
 Shape letters: B batch, T time (padded), C channels, H hidden size, K classes.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-__all__ = ["MODELS", "TRAIN_METHODS", "Classifier", "recurrent_cell"]
+__all__ = ["CAUSAL", "MODELS", "TRAIN_METHODS", "Classifier", "recurrent_cell"]
 
-MODELS = ("gru", "lstm", "diaggru", "diaglstm", "s4")
+MODELS = ("gru", "lstm", "diaggru", "diaglstm", "s4", "linear-attention")
+CAUSAL = ("s4", "linear-attention")
+"""Models with no nonlinear recurrence to solve (the method does not apply), read at the
+last valid step of their causal output."""
 TRAIN_METHODS = ("auto", "newton", "quasi_newton", "sequential", "torch")
 """``torch``: torch.nn.GRU / LSTM themselves (gru and lstm only), from the same initial
 weights as paraseq's modules; the others: paraseq.nn's ``method=``."""
@@ -35,6 +44,12 @@ class Classifier(nn.Module):
         if model == "s4":  # a linear SSM: no nonlinear solve, the method does not apply
             self.proj = nn.Linear(channels, hidden)
             self.body = pnn.S4Block(hidden, d_state=32, l_max=max_length)
+        elif model == "linear-attention":  # linear too: the method does not apply
+            self.proj = nn.Linear(channels, hidden)
+            # gate="decay": each head forgets at its own fixed rate (RetNet's 1 - 2^(-5-h)).
+            # Without it the last step's output is a weighted average over all steps whatever
+            # their order: the read-out would be blind to time order.
+            self.body = pnn.LinearTransformerBlock(hidden, math.gcd(hidden, 4), gate="decay")
         else:
             cls = {"gru": pnn.GRU, "lstm": pnn.LSTM, "diaggru": pnn.DiagGRU,
                    "diaglstm": pnn.DiagLSTM}[model]
@@ -51,7 +66,7 @@ class Classifier(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         """x (B, T, C) padded at the end, lengths (B,) -> logits (B, K)."""
-        if self.model == "s4":
+        if self.model in CAUSAL:
             y = self.body(self.proj(x))  # (B, T, H); causal, so padding after a step is unseen
             last = y[torch.arange(x.shape[0]), lengths - 1]  # (B, H)
             return self.head(last)
@@ -71,10 +86,11 @@ class Classifier(nn.Module):
 
 def recurrent_cell(model: Classifier):
     """paraseq.cells' cell with the first layer's weights (for the Lyapunov exponent), or
-    None for S4 (linear: its exponent is that of its state matrix, not tracked here)."""
+    None for S4 and linear attention (linear recurrences: the exponent is that of the state's
+    decay, fixed, not tracked here)."""
     from .. import cells
 
-    if model.model == "s4":
+    if model.model in CAUSAL:
         return None
     kind = {"gru": cells.GRUCell, "lstm": cells.LSTMCell, "diaggru": cells.DiagGRUCell,
             "diaglstm": cells.DiagLSTMCell}[model.model]
