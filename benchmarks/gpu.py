@@ -424,6 +424,28 @@ def section_gru(run: Run) -> None:
                 except Exception as exc:
                     last[key] = (T, float("inf"))
                     run.add(Row("gru", case, name, pass_, dt, B, H, T, note=_note(exc)))
+    _crossover(run)
+
+
+def _crossover(run: Run) -> None:
+    """Per (hidden, batch, dtype, pass): the smallest T at which the forced Newton beat cuDNN
+    in this run (what paraseq.gpu.routing's CUDA_RULE is to be calibrated from)."""
+    forced = f"paraseq.nn.GRU {run.args.newton_method}"
+    timed = [r for r in run.rows if r.section == "gru" and isinstance(r.ms, float)]
+    keys = sorted({(r.H, r.B, r.dtype, r.pass_) for r in timed})
+    for H, B, dt, pass_ in keys:
+        cells = [r for r in timed if (r.H, r.B, r.dtype, r.pass_) == (H, B, dt, pass_)]
+        Ts = sorted({r.T for r in cells})
+        wins = []
+        for T in Ts:
+            by = {r.impl: r.ms for r in cells if r.T == T}
+            if forced in by and "cuDNN torch.nn.GRU" in by:
+                wins.append((T, by["cuDNN torch.nn.GRU"] / by[forced]))
+        if wins:
+            first = next((T for T, ratio in wins if ratio > 1), None)
+            run.add(Row("gru", "crossover", forced, pass_, dt, B, H, "" if first is None
+                        else first, note="cuDNN/newton by T: " + ", ".join(
+                            f"{T:.0e} {ratio:.2g}x" for T, ratio in wins)))
 
 
 # --- 5. peers: pararnn-torch's fused ParaGRU and DEER ---
@@ -488,19 +510,20 @@ def _pararnn(run: Run) -> None:
         else:
             source = None
         for method in ("auto", run.args.newton_method):
-            # K = 3 as ParaGRU: a fixed-iteration mode if the module takes one ("ignore"),
-            # else "warn" (the third iterate, not the loop's answer, with a warning)
-            for on_failure in ("ignore", "warn"):
-                kw = dict(method=method, max_iter=3, on_failure=on_failure)
+            # K = 3 as ParaGRU: the modules' fixed-iteration mode (iterations=3) where they
+            # have one, else at most 3 with on_failure="warn" (the third iterate, a warning)
+            for kw in (dict(iterations=3), dict(max_iter=3, on_failure="warn")):
                 try:
                     if source is not None:
-                        m = diag_gru_from_paragru(source, **kw).to(run.device)
+                        m = diag_gru_from_paragru(source, method=method, **kw).to(run.device)
                     else:
-                        m = pnn.DiagGRU(H, H, batch_first=True, device=run.device, **kw)
+                        m = pnn.DiagGRU(H, H, batch_first=True, device=run.device,
+                                        method=method, **kw)
                     break
-                except ValueError:
+                except (TypeError, ValueError):
                     continue
-            mods[f"paraseq.nn.DiagGRU {method} max_iter=3 on_failure={on_failure}"] = m
+            label = ", ".join(f"{k}={v}" for k, v in kw.items())
+            mods[f"paraseq.nn.DiagGRU {method} {label}"] = m
         base = None
         want = None
         for pass_ in ("fwd", "fwd+bwd"):

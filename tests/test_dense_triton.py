@@ -28,6 +28,8 @@ from torch.autograd import gradcheck  # noqa: E402
 import paraseq  # noqa: E402
 from paraseq.scan import gpu  # noqa: E402
 
+# marked so that benchmarks/gpu.py (pytest -m cuda) runs these on the GPU; without one
+# they run here all the same (through triton's interpreter)
 pytestmark = pytest.mark.cuda
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: 1e-5, torch.complex64: 1e-5, torch.float64: 1e-12,

@@ -15,6 +15,8 @@ import paraseq.nn as pnn
 from paraseq.cells import modules
 from paraseq.solve import solve_recurrence
 
+# marked so that benchmarks/gpu.py (pytest -m cuda) runs these on the GPU; without one
+# they run here all the same (meta standing in for CUDA)
 pytestmark = pytest.mark.cuda
 CUDA = torch.cuda.is_available()
 OTHERS = ["meta"] + (["cuda"] if CUDA else [])

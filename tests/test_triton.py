@@ -26,6 +26,8 @@ import paraseq  # noqa: E402
 from paraseq.scan import gpu  # noqa: E402
 from paraseq.scan.api import choose_backend  # noqa: E402
 
+# marked so that benchmarks/gpu.py (pytest -m cuda) runs these on the GPU; without one
+# they run here all the same (through triton's interpreter)
 pytestmark = pytest.mark.cuda
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
