@@ -316,7 +316,7 @@ def _check(kind, gi, h0, c0, weight_hh, bias_hh, on_failure, iterations, max_ite
     K = 3 if kind == "gru" else 4
     if gi.dim() != 3:
         raise ValueError(f"diag_newton: gi must be (B, T, {K} H); got {tuple(gi.shape)}")
-    B, T, KH = gi.shape
+    B, KH = gi.shape[0], gi.shape[2]
     if KH % K:
         raise ValueError(f"diag_newton: gi's last dim must be {K} H for the {kind}; got {KH}")
     H = KH // K
