@@ -277,6 +277,32 @@ def test_missing_triton_means_the_twin(monkeypatch):
         gn.backend_for(torch.device("cpu"), "triton")
 
 
+def test_a_kernel_that_fails_to_compile_falls_back_to_the_twin(monkeypatch):
+    """On a GPU, a kernel that triton cannot compile: one warning naming the error, the twin
+    runs (and says so), and backend='triton' is then an error naming the reason."""
+    import types
+
+    class Fails:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                raise RuntimeError("PassManager::run failed")
+            return launch
+
+    monkeypatch.setattr(scan_gpu, "interpreted", lambda: False)
+    monkeypatch.setattr(scan_gpu, "triton_available", lambda device=None: True)
+    monkeypatch.setattr(gn, "_kernels", types.SimpleNamespace(gru_newton_kernel=Fails()))
+    monkeypatch.setattr(gn, "BROKEN", None)
+    monkeypatch.setattr(gn, "_LAUNCHED", set())
+    gi, h0, _, w, b = problem("gru", 1, 10, 2)
+    with pytest.warns(RuntimeWarning, match="failed to compile.*PassManager"):
+        s, info = gn.diag_newton("gru", gi, h0, w, b)
+    assert info.jacobian == "analytic (fused, torch twin)" and info.converged
+    assert err(s, loop("gru", gi, h0, None, w, b)) <= 1e-9
+    assert gn.backend_for(torch.device("cuda")) == "torch"
+    with pytest.raises(ValueError, match="failed to compile here"):
+        gn.backend_for(torch.device("cuda"), "triton")
+
+
 # ----------------------------------------------------------------------------- routing
 
 

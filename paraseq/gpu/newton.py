@@ -76,6 +76,13 @@ BLOCK_D = 32  # channels per program
 
 _kernels = None
 
+BROKEN: str | None = None
+"""Why the Triton kernels failed to compile on this machine's GPU (the first error's first
+line), or None. Once set, "auto" runs the twin there (with one RuntimeWarning saying why) and
+``backend="triton"`` is an error naming the reason."""
+
+_LAUNCHED: set[str] = set()  # kernels that have compiled and run in this process
+
 
 def _kern():
     global _kernels
@@ -100,9 +107,10 @@ def backend_for(device: torch.device, backend: str = "auto") -> str:
     if backend not in BACKENDS:
         raise ValueError(f"diag_newton: backend must be one of "
                          f"{', '.join(repr(b) for b in BACKENDS)}; got {backend!r}")
-    ok = scan_gpu.triton_available(device)
+    ok = scan_gpu.triton_available(device) and (BROKEN is None or device.type == "cpu")
     if backend == "triton" and not ok:
         why = (f"triton is not installed ({scan_gpu.INSTALL_HINT})" if not scan_gpu.AVAILABLE
+               else f"its kernels failed to compile here ({BROKEN})" if BROKEN is not None
                else "CPU tensors need triton's interpreter (TRITON_INTERPRET=1 before triton "
                "is imported)")
         raise ValueError(f"diag_newton: backend='triton' cannot run on {device}: {why}; or use "
@@ -110,6 +118,33 @@ def backend_for(device: torch.device, backend: str = "auto") -> str:
     if backend == "auto":
         return "triton" if ok else "torch"
     return backend
+
+
+def _compile_failure(err: BaseException, kernel: str) -> bool:
+    """Whether err is a kernel that never compiled (a first launch failing in triton's
+    compiler), as opposed to a failure of the computation (out of memory, a CUDA error)."""
+    if kernel in _LAUNCHED or isinstance(err, torch.OutOfMemoryError):
+        return False
+    mod = type(err).__module__ or ""
+    return mod.startswith("triton") or (isinstance(err, RuntimeError)
+                                        and "cuda" not in str(err).lower())
+
+
+def _launch(kernel: str, grid, *args, **kw) -> bool:
+    """Launches a kernel of ``_kernels``; False (and ``BROKEN`` set, one warning) where it
+    fails to compile on a GPU, so that the caller runs the twin instead."""
+    global BROKEN
+    try:
+        getattr(_kern(), kernel)[grid](*args, **kw)
+    except Exception as err:
+        if scan_gpu.interpreted() or not _compile_failure(err, kernel):
+            raise
+        BROKEN = f"{kernel}: {type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+        warnings.warn(f"paraseq.gpu: the fused Newton kernel failed to compile ({BROKEN}); "
+                      f"running its pure-torch twin instead", RuntimeWarning, stacklevel=3)
+        return False
+    _LAUNCHED.add(kernel)
+    return True
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -142,17 +177,22 @@ class _Problem:
     def step(self, h: Tensor, c: Tensor | None, tol: float):
         """One iteration from (h, c): (h', c', the residual max (a 0-d tensor, not read), the
         first failing step (a 0-d tensor))."""
-        if self.backend == "torch":
-            if self.kind == "gru":
-                nh, res = twin.gru_iteration(self.gi, self.w, self.b, self.h0, h)
-                nc = None
-            else:
-                nh, nc, res = twin.lstm_iteration(self.gi, self.w, self.b, self.h0, self.c0, h, c)
-            bad = ~(res <= tol).flatten(start_dim=2).all(-1).all(0)  # (T,)
-            idx = torch.arange(self.T, device=res.device)
-            first = torch.where(bad, idx, self.T).min() if self.T else idx.new_zeros(())
-            return nh, nc, res.amax() if res.numel() else res.new_zeros(()), first
-        k = _kern()
+        if self.backend == "triton":
+            out = self._kernel_step(h, c, tol)
+            if out is not None:
+                return out
+            self.backend = "torch"
+        if self.kind == "gru":
+            nh, res = twin.gru_iteration(self.gi, self.w, self.b, self.h0, h)
+            nc = None
+        else:
+            nh, nc, res = twin.lstm_iteration(self.gi, self.w, self.b, self.h0, self.c0, h, c)
+        bad = ~(res <= tol).all(-1).all(0)  # (T,)
+        idx = torch.arange(self.T, device=res.device)
+        first = torch.where(bad, idx, self.T).min()
+        return nh, nc, res.amax(), first
+
+    def _kernel_step(self, h: Tensor, c: Tensor | None, tol: float):
         grid, bd = _grid(self.B, self.H)
         nprog = grid[0] * grid[1]
         rmax = self.h0.new_empty(nprog)
@@ -161,24 +201,28 @@ class _Problem:
         sb, st = self.gi.stride(0), self.gi.stride(1)
         if self.kind == "gru":
             nc = None
-            k.gru_newton_kernel[grid](self.gi, sb, st, self.w, self.b, self.h0, h, nh, rmax,
-                                      first, self.T, self.H, float(tol), BLOCK_T=BLOCK_T,
-                                      BLOCK_D=bd)
+            ok = _launch("gru_newton_kernel", grid, self.gi, sb, st, self.w, self.b, self.h0, h,
+                         nh, rmax, first, self.T, self.H, float(tol), BLOCK_T=BLOCK_T,
+                         BLOCK_D=bd)
         else:
             nc = torch.empty_like(c)
-            k.lstm_newton_kernel[grid](self.gi, sb, st, self.w, self.b, self.h0, self.c0, h, c,
-                                       nh, nc, rmax, first, self.T, self.H, float(tol),
-                                       BLOCK_T=BLOCK_T, BLOCK_D=bd)
-        return nh, nc, rmax.max(), first.min()
+            ok = _launch("lstm_newton_kernel", grid, self.gi, sb, st, self.w, self.b, self.h0,
+                         self.c0, h, c, nh, nc, rmax, first, self.T, self.H, float(tol),
+                         BLOCK_T=BLOCK_T, BLOCK_D=bd)
+        return (nh, nc, rmax.max(), first.min()) if ok else None
 
     def adjoint(self, hs: Tensor, cs: Tensor | None, gh: Tensor, gc: Tensor | None):
         """(dgi (B, T, K H), dh0, dc0 or None, dw, db), working dtype."""
-        if self.backend == "torch":
-            if self.kind == "gru":
-                dgi, dh0, dw, db = twin.gru_adjoint(self.gi, self.w, self.b, self.h0, hs, gh)
-                return dgi, dh0, None, dw, db
-            return twin.lstm_adjoint(self.gi, self.w, self.b, self.h0, self.c0, hs, cs, gh, gc)
-        k = _kern()
+        if self.backend == "triton":
+            out = self._kernel_adjoint(hs, cs, gh, gc)
+            if out is not None:
+                return out
+        if self.kind == "gru":
+            dgi, dh0, dw, db = twin.gru_adjoint(self.gi, self.w, self.b, self.h0, hs, gh)
+            return dgi, dh0, None, dw, db
+        return twin.lstm_adjoint(self.gi, self.w, self.b, self.h0, self.c0, hs, cs, gh, gc)
+
+    def _kernel_adjoint(self, hs, cs, gh, gc):
         grid, bd = _grid(self.B, self.H)
         KH = self.w.shape[0]
         dgi = self.h0.new_empty(self.B, self.T, KH)
@@ -186,18 +230,16 @@ class _Problem:
         dw = self.h0.new_empty(self.B, KH)
         db = self.h0.new_empty(self.B, KH)
         sb, st = self.gi.stride(0), self.gi.stride(1)
-        gh = gh.to(self.wd).contiguous()
+        gh = gh.contiguous()
         if self.kind == "gru":
-            k.gru_adjoint_kernel[grid](self.gi, sb, st, self.w, self.b, self.h0, hs, gh, dgi,
-                                       dh0, dw, db, self.T, self.H, BLOCK_T=BLOCK_T,
-                                       BLOCK_D=bd)
-            return dgi, dh0, None, dw.sum(0), db.sum(0)
+            ok = _launch("gru_adjoint_kernel", grid, self.gi, sb, st, self.w, self.b, self.h0,
+                         hs, gh, dgi, dh0, dw, db, self.T, self.H, BLOCK_T=BLOCK_T, BLOCK_D=bd)
+            return (dgi, dh0, None, dw.sum(0), db.sum(0)) if ok else None
         dc0 = torch.empty_like(self.c0)
-        gc = gc.to(self.wd).contiguous()
-        k.lstm_adjoint_kernel[grid](self.gi, sb, st, self.w, self.b, self.h0, self.c0, hs, cs,
-                                    gh, gc, dgi, dh0, dc0, dw, db, self.T, self.H,
-                                    BLOCK_T=BLOCK_T, BLOCK_D=bd)
-        return dgi, dh0, dc0, dw.sum(0), db.sum(0)
+        ok = _launch("lstm_adjoint_kernel", grid, self.gi, sb, st, self.w, self.b, self.h0,
+                     self.c0, hs, cs, gh, gc.contiguous(), dgi, dh0, dc0, dw, db, self.T, self.H,
+                     BLOCK_T=BLOCK_T, BLOCK_D=bd)
+        return (dgi, dh0, dc0, dw.sum(0), db.sum(0)) if ok else None
 
     def loop(self, start: int, hs: Tensor | None, cs: Tensor | None):
         """The sequential loop from step ``start`` (the state before it from hs, cs)."""
@@ -257,7 +299,7 @@ class _DiagNewton(torch.autograd.Function):
             h, c, k, residuals, first = _iterate(P, tol=tol, target=target, max_iter=max_iter,
                                                  iterations=iterations)
         r = residuals[-1] if residuals else 0.0
-        where = "triton kernel" if backend == "triton" else "torch twin"
+        where = "triton kernel" if P.backend == "triton" else "torch twin"
         info = SolveInfo(method="newton", iterations=k, converged=r <= tol, residual=r,
                          jacobian=f"analytic (fused, {where})", tol=tol, residuals=residuals)
         if P.T and not info.converged and iterations is None:

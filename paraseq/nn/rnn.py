@@ -388,6 +388,8 @@ class _RNNBase(nn.Module):
                 return self._pack_out(out, input, state_n, unsorted_idx, native=True)
         else:
             out, state_n = self._parallel(x, state, lengths, method, training)  # (T, B, Dn Hout)
+            if method == "fused":  # the twin, where the kernels failed to compile just now
+                self.last_path = _paths.label(method, self._diagonal, x.device)
             self.last_path += _fallback_note(self.last_solve_info)
             if packed:
                 return self._pack_out(out[mask.to(out.device)], input, state_n, unsorted_idx)
