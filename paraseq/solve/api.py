@@ -387,7 +387,12 @@ def solve_recurrence(
     sweeps of ``paraseq.cells.newton`` (``info.jacobian`` "analytic (compiled sweep)") at this
     function's ``tol``, ``max_iter`` and ``on_failure``; gradients by the compiled adjoint
     sweep. Every other case takes the general loop below (all cases, with
-    ``paraseq.solve.api.COMPILED_CELLS = False``).
+    ``paraseq.solve.api.COMPILED_CELLS = False``). On CUDA, DiagGRUCell and DiagLSTMCell with
+    method "auto", "newton" or "quasi_newton" (implicit gradients, no ``init``, analytic
+    Jacobians) take ``paraseq.gpu``'s fused Newton instead: one Triton kernel per iteration,
+    exact Newton for both methods, at this function's ``tol``, ``max_iter`` and
+    ``on_failure`` (``info.jacobian`` "analytic (fused, triton kernel)", or "(fused, torch
+    twin)" without triton).
 
     Under torch.compile the solve runs eagerly (``torch.compiler.disable``; a graph break in
     a compiled caller): its loop stops on a data-dependent test on the host, which Dynamo would
