@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import pytest
 import torch
@@ -406,6 +407,21 @@ def test_module_fixed_iterations_reports_the_residual(cpu_routed):
         pnn.DiagGRU(3, 4, iterations=2, max_iter=3)
     with pytest.raises(ValueError, match="iterations must be >= 1"):
         pnn.DiagGRU(3, 4, iterations=0)
+
+
+@pytest.mark.parametrize("make", [lambda: pnn.DiagGRU(3, 4, method="newton", iterations=2),
+                                  lambda: pnn.GRU(3, 4, method="newton", iterations=2)])
+def test_fixed_iterations_off_the_fused_path(make):
+    """On the CPU paths iterations=K caps the solve at K and returns the iterate as reached,
+    without fallback or warning, its residual reported."""
+    torch.manual_seed(6)
+    m = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(torch.randn(70, 2, 3) * 3)
+    info = m.last_solve_info[0]
+    assert info.iterations <= 2 and not info.fell_back
+    assert info.residual == info.residuals[-1]
 
 
 def test_module_bfloat16_through_the_route(cpu_routed, monkeypatch):

@@ -280,7 +280,14 @@ class _RNNBase(nn.Module):
             s += ", bidirectional={bidirectional}"
         if self.method != "auto":
             s += ", method={method!r}"
+        if self._fixed_iterations is not None:
+            s += f", iterations={self._fixed_iterations}"
         return s.format(**self.__dict__)
+
+    @property
+    def _fixed_iterations(self) -> int | None:
+        """``iterations`` (None on modules pickled before it existed)."""
+        return getattr(self, "iterations", None)
 
     # -- shapes --------------------------------------------------------------------------------
 
@@ -564,13 +571,13 @@ class _RNNBase(nn.Module):
         cap = self.max_iter if self.max_iter is not None else \
             min(DEFAULT_MAX_ITER["newton"], T) + _REFINE_MAX_ITER
         on_failure = self.on_failure
-        if self.iterations is not None:  # at most K sweeps, the iterate as reached
-            cap, on_failure = self.iterations, "warn"
+        if self._fixed_iterations is not None:  # at most K sweeps, the iterate as reached
+            cap, on_failure = self._fixed_iterations, "warn"
         b = p.get("bias_hh")
         w = p["weight_hh"]
         lstm = self.mode == "LSTM"
         with warnings.catch_warnings():
-            if self.iterations is not None:
+            if self._fixed_iterations is not None:
                 warnings.filterwarnings("ignore", message="solve_recurrence: method=",
                                         category=RuntimeWarning)
             return newton.newton_sequence(_SWEEP_CELLS[self.mode], gi, h0[0].to(gi.dtype), w,
@@ -594,7 +601,7 @@ class _RNNBase(nn.Module):
         else:
             accept, target = DEFAULT_TOL[gi.dtype], FLOOR_TOL[gi.dtype]
         cap = None
-        if self.iterations is None:
+        if self._fixed_iterations is None:
             T = gi.shape[1]
             cap = self.max_iter if self.max_iter is not None else \
                 min(DEFAULT_MAX_ITER["newton"], T) + _REFINE_MAX_ITER
@@ -602,19 +609,19 @@ class _RNNBase(nn.Module):
         return gpu_newton.diag_newton(
             "lstm" if lstm else "gru", gi, h0[0], p["weight_hh"], p.get("bias_hh"),
             h0[1] if lstm else None, tol=accept, target=target, max_iter=cap,
-            iterations=self.iterations, on_failure=self.on_failure)
+            iterations=self._fixed_iterations, on_failure=self.on_failure)
 
     @torch.compiler.disable
     def _solve(self, cell, gi: Tensor, h0, method: str) -> tuple[object, SolveInfo]:
         """One layer and direction: ``solve_recurrence`` over gi (B, T, K H) from h0, then,
         with tol=None, the refinement towards ``FLOOR_TOL`` (module docstring, "Accuracy")."""
         kw = dict(method=method, return_info=True)
-        if self.iterations is not None:  # at most K iterations, the iterate as reached
+        if self._fixed_iterations is not None:  # at most K iterations, the iterate as reached
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="solve_recurrence: method=",
                                         category=RuntimeWarning)
                 return solve_recurrence(cell, gi, h0, tol=self.tol or DEFAULT_TOL.get(
-                    gi.dtype, 1e-6), max_iter=self.iterations, on_failure="warn", **kw)
+                    gi.dtype, 1e-6), max_iter=self._fixed_iterations, on_failure="warn", **kw)
         if self.tol is not None:
             return solve_recurrence(cell, gi, h0, tol=self.tol, max_iter=self.max_iter,
                                     on_failure=self.on_failure, **kw)
