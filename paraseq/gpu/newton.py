@@ -15,7 +15,8 @@ scan, for CUDA machines without triton.
 
 Iterations start from h = 0 (c = 0), DEER's first guess. Stopping (``tol`` mode, the default):
 after each iteration the residual is read on the host; the solve stops when it is <= target,
-or, above ``tol``, after ``PATIENCE`` iterations without halving it, or at ``max_iter``
+or, above ``tol``, after ``PATIENCE`` iterations without halving it, or at once when it
+is not finite (the cells are bounded: only nan or inf inputs do that), or at ``max_iter``
 (default min(T, 50): T iterations always reach the exact solution, since the initial state
 propagates at least one step per iteration). Converged means residual <= ``tol``; otherwise
 ``on_failure``: "fallback" finishes with the sequential loop (the twin's cell, in torch ops)
@@ -273,8 +274,8 @@ def _iterate(P: _Problem, *, tol: float, target: float, max_iter: int, iteration
         k += 1
         r = float(r_t)
         residuals.append(r)
-        if r <= target:
-            break
+        if r <= target or not math.isfinite(r):
+            break  # the cells are bounded, so a nan or inf residual means such inputs: no cure
         if r <= tol:  # refining towards target: stop once an iteration no longer halves it
             if len(residuals) >= 2 and not r <= 0.5 * residuals[-2]:
                 break
