@@ -176,8 +176,9 @@ class _Problem:
         return self.h0.new_zeros(self.B, self.T, self.H)
 
     def step(self, h: Tensor, c: Tensor | None, tol: float):
-        """One iteration from (h, c): (h', c', the residual max (a 0-d tensor, not read), the
-        first failing step (a 0-d tensor))."""
+        """One iteration from (h, c): (h', c', the residual's max and the first step above
+        tol, each a tensor (per program for the kernels) whose max / min the caller reads only
+        when it needs it: no host synchronisation here)."""
         if self.backend == "triton":
             out = self._kernel_step(h, c, tol)
             if out is not None:
@@ -210,7 +211,7 @@ class _Problem:
             ok = _launch("lstm_newton_kernel", grid, self.gi, sb, st, self.w, self.b, self.h0,
                          self.c0, h, c, nh, nc, rmax, first, self.T, self.H, float(tol),
                          BLOCK_T=BLOCK_T, BLOCK_D=bd)
-        return (nh, nc, rmax.max(), first.min()) if ok else None
+        return (nh, nc, rmax, first) if ok else None  # per program: reduced when read
 
     def adjoint(self, hs: Tensor, cs: Tensor | None, gh: Tensor, gc: Tensor | None):
         """(dgi (B, T, K H), dh0, dc0 or None, dw, db), working dtype."""
@@ -265,14 +266,14 @@ def _iterate(P: _Problem, *, tol: float, target: float, max_iter: int, iteration
         r = torch.full((), math.inf)
         for _ in range(iterations):
             h, c, r, first = P.step(h, c, tol)
-        res = float(r) if iterations else math.inf
-        return h, c, iterations, [res], int(first) if iterations else 0
+        res = float(r.max()) if iterations else math.inf
+        return h, c, iterations, [res], int(first.min()) if iterations else 0
     residuals: list[float] = []
     best, since, k, first = math.inf, 0, 0, 0
     while k < max_iter:
         h, c, r_t, first_t = P.step(h, c, tol)
         k += 1
-        r = float(r_t)
+        r = float(r_t.max())
         residuals.append(r)
         if r <= target or not math.isfinite(r):
             break  # the cells are bounded, so a nan or inf residual means such inputs: no cure
@@ -286,7 +287,7 @@ def _iterate(P: _Problem, *, tol: float, target: float, max_iter: int, iteration
             if since >= PATIENCE:
                 break
     if residuals[-1] > tol:
-        first = int(first_t)
+        first = int(first_t.min())
     return h, c, k, residuals, first
 
 
