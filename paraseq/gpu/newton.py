@@ -73,7 +73,10 @@ DEFAULT_MAX_ITER = 50
 PATIENCE = 8
 SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BLOCK_T = 64  # time steps per tile
-BLOCK_D = 32  # channels per program
+BLOCK_D = 32  # channels per program (at most; fewer for a smaller H)
+NUM_WARPS = 4
+"""The kernels' launch shape: module constants, untuned (no GPU has run them yet), for
+``benchmarks/gpu.py`` to sweep."""
 
 _kernels = None
 
@@ -136,7 +139,7 @@ def _launch(kernel: str, grid, *args, **kw) -> bool:
     fails to compile on a GPU, so that the caller runs the twin instead."""
     global BROKEN
     try:
-        getattr(_kern(), kernel)[grid](*args, **kw)
+        getattr(_kern(), kernel)[grid](*args, num_warps=NUM_WARPS, **kw)
     except Exception as err:
         if scan_gpu.interpreted() or not _compile_failure(err, kernel):
             raise
