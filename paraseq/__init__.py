@@ -12,8 +12,8 @@ from .solve import solve_recurrence
 
 # subpackages reachable after a bare ``import paraseq`` (as torch.nn after ``import torch``),
 # imported on first use so that ``import paraseq`` stays as light as its functional API
-_SUBPACKAGES = ("attention", "bench", "cells", "diagnostics", "distributed", "nn", "ode", "scan",
-                "solve", "ssm", "train")
+_SUBPACKAGES = ("attention", "bench", "cells", "diagnostics", "distributed", "gpu", "nn", "ode",
+                "scan", "solve", "ssm", "train")
 
 __all__ = ["ConvergenceError", "SolveInfo", "__version__", "linear_scan", "odeint",
            "odeint_adjoint", "odeint_event", "odeint_implicit", "solve_recurrence"]

@@ -26,6 +26,17 @@ parallel           DiagGRU (its Jacobian is diagonal: exact Newton at        ben
 (quasi_newton)     O(B T D) per iteration)                                   --part diag
 =================  ========================================================  ======================
 
+On CUDA (``paraseq.gpu.routing``, uncalibrated until ``benchmarks/gpu.py`` runs on a GPU):
+
+=================  ========================================================  ======================
+fused newton       DiagGRU/DiagLSTM, method "auto", "newton" or               benchmarks/gpu.py
+(triton)           "quasi_newton": ``paraseq.gpu.diag_newton`` (one kernel
+                   per iteration); "(torch twin)" where triton is missing
+torch kernel /     dense module, "auto": Newton where                         benchmarks/gpu.py
+parallel (newton)  ``routing.newton_beats_cudnn`` (T >= 1e4, B D^2 <= 1024,
+                   halved when training), else cuDNN
+=================  ========================================================  ======================
+
 These are the numbers of ``paraseq.solve.choose_method`` (``_CPU_PARALLEL_WORK``) with the
 modules' training factors; ``tests/test_nn_dropin.py`` holds the table and ``choose_method``
 to the same answers over a grid. A parallel "newton" on GRU, RNN and LSTM without proj_size
@@ -40,6 +51,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..cells import compiled
+from ..gpu import routing as gpu_routing
 from ..solve.api import _CPU_PARALLEL_WORK, _CPU_TRAINING_FACTOR
 
 __all__ = ["COMPILED_BEATS_TORCH", "PATHS", "Path", "choose", "compiled_beats_torch", "label"]
@@ -66,6 +78,10 @@ PATHS = (
          "python benchmarks/nn.py"),
     Path("parallel (quasi_newton)", "DiagGRU, or dense with D = 1, otherwise",
          "python benchmarks/nn.py --part diag"),
+    Path("fused newton (triton)", "CUDA: DiagGRU/DiagLSTM with auto/newton/quasi_newton "
+         "(paraseq.gpu.routing)", "python benchmarks/gpu.py"),
+    Path("fused newton (torch twin)", "as above where triton is not installed",
+         "python benchmarks/gpu.py"),
 )
 
 SHORT_T = 64
@@ -128,6 +144,12 @@ def choose(method: str, mode: str, diagonal: bool, x: Tensor, T: int, B: int, H:
     module's own (``"auto"`` walks the table)."""
     if method not in ("auto", "sequential"):
         return method
+    if method == "auto" and diagonal and gpu_routing.serves(x):
+        return "newton"  # the modules run it as the fused kernels (paraseq.gpu)
+    if method == "auto" and not diagonal and x.device.type == "cuda":
+        if T > SHORT_T and gpu_routing.newton_beats_cudnn(B, T, D, training):
+            return "quasi_newton" if D == 1 else "newton"
+        return "sequential"
     if compiled_pays(mode, diagonal, x, B, H, training):
         return "compiled"
     if method == "sequential" or T <= SHORT_T:
@@ -144,8 +166,11 @@ def choose(method: str, mode: str, diagonal: bool, x: Tensor, T: int, B: int, H:
     return "quasi_newton" if D == 1 else "newton"
 
 
-def label(method: str, diagonal: bool) -> str:
-    """What ``last_path`` reads for a method ``choose`` returned."""
+def label(method: str, diagonal: bool, device=None) -> str:
+    """What ``last_path`` reads for a method ``choose`` returned ("fused": the fused Newton
+    path of ``paraseq.gpu`` on ``device``)."""
+    if method == "fused":
+        return gpu_routing.label(device)
     if method == "sequential":
         return "loop" if diagonal else "torch kernel"
     if method == "compiled":

@@ -17,6 +17,19 @@ PackedSequence in and out. Keyword-only extras choose how the recurrence is solv
                (the default) each solve is accepted at ``DEFAULT_TOL`` and then refined
                towards the rounding floor ``FLOOR_TOL`` (see "Accuracy" below); a tol given
                by the caller is solve_recurrence's residual rule exactly, with no refinement
+    iterations a fixed iteration count K, for training with K fixed (ParaRNN's habit): the
+               fused Newton path (CUDA, DiagGRU/DiagLSTM) runs exactly K iterations with no
+               host synchronisation between them; every other parallel path runs at most K
+               (stopping early once converged) and returns the iterate as reached, without
+               fallback. The residual reached is in ``last_solve_info`` (``converged`` says
+               whether it is under tol). Sequential paths solve exactly and ignore it.
+               Exclusive with max_iter.
+
+On CUDA, DiagGRU and DiagLSTM with "auto", "newton" or "quasi_newton" run the fused Newton of
+``paraseq.gpu`` (one Triton kernel per iteration and one for the backward; ``last_path``
+"fused newton (triton)", or "(torch twin)" without triton), and "auto" on the dense modules
+follows ``paraseq.gpu.routing.newton_beats_cudnn`` (uncalibrated until benchmarks/gpu.py
+runs on a GPU). CPU behaviour is as described below.
 
 How a forward runs. ``method="sequential"`` calls torch's own fused kernels (torch.gru,
 torch.lstm, ...): exactly torch.nn's numbers at torch.nn's speed. A parallel method runs each
@@ -99,6 +112,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..cells import compiled, newton
+from ..gpu import routing as _gpu_routing
 from ..result import SolveInfo
 from ..solve import solve_recurrence
 from ..solve.api import DEFAULT_MAX_ITER, ON_FAILURE
@@ -168,7 +182,7 @@ class _RNNBase(nn.Module):
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None, *,
                  method: str = "auto", tol: float | None = None, max_iter: int | None = None,
-                 on_failure: str = "fallback") -> None:
+                 on_failure: str = "fallback", iterations: int | None = None) -> None:
         name = type(self).__name__
         input_size, hidden_size, num_layers, proj_size, dropout = check_constructor(
             name, mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
@@ -185,6 +199,12 @@ class _RNNBase(nn.Module):
                              f"{tol!r}")
         if max_iter is not None:
             _check_int(name, "max_iter", max_iter, 1)
+        if iterations is not None:
+            _check_int(name, "iterations", iterations, 1)
+            if max_iter is not None:
+                raise ValueError(f"{name}: give iterations (a fixed Newton count) or max_iter "
+                                 f"(a cap), not both; got iterations={iterations}, "
+                                 f"max_iter={max_iter}")
         # nn.Module's, not torch.nn.RNNBase's __init__ (next in the dense modules' MRO): the
         # parameters are registered below, torch's way, and its flat-weight lists after them
         nn.Module.__init__(self)
@@ -201,6 +221,7 @@ class _RNNBase(nn.Module):
         self.tol = tol
         self.max_iter = max_iter
         self.on_failure = on_failure
+        self.iterations = iterations
         self.last_solve_info: list = []
         self.last_path = ""
         factory = {"device": device, "dtype": dtype}
@@ -259,7 +280,14 @@ class _RNNBase(nn.Module):
             s += ", bidirectional={bidirectional}"
         if self.method != "auto":
             s += ", method={method!r}"
+        if self._fixed_iterations is not None:
+            s += f", iterations={self._fixed_iterations}"
         return s.format(**self.__dict__)
+
+    @property
+    def _fixed_iterations(self) -> int | None:
+        """``iterations`` (None on modules pickled before it existed)."""
+        return getattr(self, "iterations", None)
 
     # -- shapes --------------------------------------------------------------------------------
 
@@ -352,8 +380,10 @@ class _RNNBase(nn.Module):
         check_length(type(self).__name__, T)
         training = self._wants_grad(x, hx)
         method = self._choose(x, T, B, training)
+        if self._diagonal and method in ("newton", "quasi_newton") and _gpu_routing.serves(x):
+            method = "fused"  # paraseq.gpu's fused Newton (CUDA)
         self.last_solve_info = []
-        self.last_path = _paths.label(method, self._diagonal)
+        self.last_path = _paths.label(method, self._diagonal, x.device)
         if B == 0:  # an empty batch: nothing to run, but a graph to backpropagate, as torch's
             link = sum((w.sum() * 0 for w in self._flat_weights), x.sum() * 0)
             out = x.new_zeros(T, 0, self._dirs * self._hout) + link
@@ -365,6 +395,8 @@ class _RNNBase(nn.Module):
                 return self._pack_out(out, input, state_n, unsorted_idx, native=True)
         else:
             out, state_n = self._parallel(x, state, lengths, method, training)  # (T, B, Dn Hout)
+            if method == "fused":  # the twin, where the kernels failed to compile just now
+                self.last_path = _paths.label(method, self._diagonal, x.device)
             self.last_path += _fallback_note(self.last_solve_info)
             if packed:
                 return self._pack_out(out[mask.to(out.device)], input, state_n, unsorted_idx)
@@ -454,6 +486,13 @@ class _RNNBase(nn.Module):
                        method: str, backward_dir: bool, rev_idx: Tensor | None):
         """The fast path: the compiled loop, the compiled Newton sweeps or
         ``solve_recurrence`` (appending its ``SolveInfo`` to ``last_solve_info``)."""
+        if method == "fused":
+            gi = F.linear(layer_in, p["weight_ih"], p.get("bias_ih")).transpose(0, 1)
+            if backward_dir:
+                gi = _flip(gi, rev_idx)
+            states, info = self._fused_newton(gi, h0, p)  # gi (B, T, K H)
+            self.last_solve_info.append(info)
+            return tuple(states) if self.mode == "LSTM" else (states,)
         fused = method == "newton" and self._sweeps_newton(layer_in)
         if method == "compiled" or fused:  # laid out for the kernel that will run
             gi = compiled.input_projection(layer_in, p["weight_ih"], p.get("bias_ih"),
@@ -531,20 +570,58 @@ class _RNNBase(nn.Module):
             accept = target = self.tol
         cap = self.max_iter if self.max_iter is not None else \
             min(DEFAULT_MAX_ITER["newton"], T) + _REFINE_MAX_ITER
+        on_failure = self.on_failure
+        if self._fixed_iterations is not None:  # at most K sweeps, the iterate as reached
+            cap, on_failure = self._fixed_iterations, "warn"
         b = p.get("bias_hh")
         w = p["weight_hh"]
         lstm = self.mode == "LSTM"
-        return newton.newton_sequence(_SWEEP_CELLS[self.mode], gi, h0[0].to(gi.dtype), w,
-                                      w.new_zeros(w.shape[0]) if b is None else b,
-                                      target=target, accept=accept, max_iter=cap,
-                                      on_failure=self.on_failure,
-                                      c0=h0[1].to(gi.dtype) if lstm else None)
+        with warnings.catch_warnings():
+            if self._fixed_iterations is not None:
+                warnings.filterwarnings("ignore", message="solve_recurrence: method=",
+                                        category=RuntimeWarning)
+            return newton.newton_sequence(_SWEEP_CELLS[self.mode], gi, h0[0].to(gi.dtype), w,
+                                          w.new_zeros(w.shape[0]) if b is None else b,
+                                          target=target, accept=accept, max_iter=cap,
+                                          on_failure=on_failure,
+                                          c0=h0[1].to(gi.dtype) if lstm else None)
+
+    @torch.compiler.disable
+    def _fused_newton(self, gi: Tensor, h0: tuple[Tensor, ...], p: dict[str, Tensor]):
+        """One layer and direction of DiagGRU/DiagLSTM by ``paraseq.gpu.diag_newton`` (the
+        fused kernels): tol=None accepts at ``DEFAULT_TOL`` and aims at ``FLOOR_TOL``
+        (bfloat16/float16: ``paraseq.gpu.LOW_PRECISION_TOL``, solved in float32);
+        ``iterations=K`` runs exactly K iterations and reports the residual reached."""
+        from ..gpu import newton as gpu_newton
+
+        if self.tol is not None:
+            accept = target = self.tol
+        elif gi.dtype in gpu_newton.LOW_PRECISION_TOL:
+            accept = target = gpu_newton.LOW_PRECISION_TOL[gi.dtype]
+        else:
+            accept, target = DEFAULT_TOL[gi.dtype], FLOOR_TOL[gi.dtype]
+        cap = None
+        if self._fixed_iterations is None:
+            T = gi.shape[1]
+            cap = self.max_iter if self.max_iter is not None else \
+                min(DEFAULT_MAX_ITER["newton"], T) + _REFINE_MAX_ITER
+        lstm = self.mode == "LSTM"
+        return gpu_newton.diag_newton(
+            "lstm" if lstm else "gru", gi, h0[0], p["weight_hh"], p.get("bias_hh"),
+            h0[1] if lstm else None, tol=accept, target=target, max_iter=cap,
+            iterations=self._fixed_iterations, on_failure=self.on_failure)
 
     @torch.compiler.disable
     def _solve(self, cell, gi: Tensor, h0, method: str) -> tuple[object, SolveInfo]:
         """One layer and direction: ``solve_recurrence`` over gi (B, T, K H) from h0, then,
         with tol=None, the refinement towards ``FLOOR_TOL`` (module docstring, "Accuracy")."""
         kw = dict(method=method, return_info=True)
+        if self._fixed_iterations is not None:  # at most K iterations, the iterate as reached
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="solve_recurrence: method=",
+                                        category=RuntimeWarning)
+                return solve_recurrence(cell, gi, h0, tol=self.tol or DEFAULT_TOL.get(
+                    gi.dtype, 1e-6), max_iter=self._fixed_iterations, on_failure="warn", **kw)
         if self.tol is not None:
             return solve_recurrence(cell, gi, h0, tol=self.tol, max_iter=self.max_iter,
                                     on_failure=self.on_failure, **kw)
@@ -767,7 +844,7 @@ class DiagLSTM(_Diagonal):
 
 
 def _solver_kwargs(owner: str, kwargs: dict) -> dict:
-    allowed = ("method", "tol", "max_iter", "on_failure")
+    allowed = ("method", "tol", "max_iter", "on_failure", "iterations")
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise TypeError(f"{owner}.__init__() got an unexpected keyword argument "

@@ -174,6 +174,39 @@ def _compiled_route(cell, method: str, name: str, X: Tensor, grad: str, init,
     return None
 
 
+def _fused_route(cell, method: str, X: Tensor, grad: str, init, jacobian: str) -> bool:
+    """Whether paraseq.gpu's fused Newton serves this solve: DiagGRUCell/DiagLSTMCell (exactly
+    those types) on a device of ``paraseq.gpu.routing.DEVICES`` (CUDA), method "auto",
+    "newton" or "quasi_newton", implicit gradients, no init, analytic Jacobians."""
+    from ..cells import modules
+    from ..gpu import routing
+
+    if type(cell) not in (modules.DiagGRUCell, modules.DiagLSTMCell) or not routing.serves(X):
+        return False
+    if method not in ("auto", "newton", "quasi_newton") or grad != "implicit" \
+            or init is not None or jacobian not in ("auto", "analytic") or X.shape[0] == 0:
+        return False
+    return all(p.device == X.device for p in cell.parameters())
+
+
+def _run_fused(cell, X: Tensor, h0: Tensor, layout: StateLayout, tol: float,
+               max_iter: int | None, on_failure: str) -> tuple[Tensor, SolveInfo]:
+    """The fused Newton of ``paraseq.gpu`` for DiagGRUCell/DiagLSTMCell: (H (B, T, D), info)."""
+    import torch.nn.functional as F
+
+    from ..gpu import newton as gpu_newton
+
+    Hs = cell.hidden_size
+    lstm = layout.is_tuple
+    gi = F.linear(X, cell.weight_ih, cell.bias_ih)  # (B, T, K H)
+    h, c = (h0[:, :Hs], h0[:, Hs:]) if lstm else (h0, None)
+    states, info = gpu_newton.diag_newton("lstm" if lstm else "gru", gi, h, cell.weight_hh,
+                                          cell.bias_hh, c, tol=tol, max_iter=max_iter,
+                                          on_failure=on_failure)
+    H = torch.cat(states, dim=-1) if lstm else states  # (B, T, D)
+    return H, info
+
+
 def _run_compiled(cell, route: str, X: Tensor, h0: Tensor, layout: StateLayout, tol: float,
                   max_iter: int | None, on_failure: str) -> tuple[Tensor, SolveInfo | None]:
     """The compiled loop or Newton sweeps for one of paraseq's cells: (H (B, T, D), the
@@ -354,7 +387,12 @@ def solve_recurrence(
     sweeps of ``paraseq.cells.newton`` (``info.jacobian`` "analytic (compiled sweep)") at this
     function's ``tol``, ``max_iter`` and ``on_failure``; gradients by the compiled adjoint
     sweep. Every other case takes the general loop below (all cases, with
-    ``paraseq.solve.api.COMPILED_CELLS = False``).
+    ``paraseq.solve.api.COMPILED_CELLS = False``). On CUDA, DiagGRUCell and DiagLSTMCell with
+    method "auto", "newton" or "quasi_newton" (implicit gradients, no ``init``, analytic
+    Jacobians) take ``paraseq.gpu``'s fused Newton instead: one Triton kernel per iteration,
+    exact Newton for both methods, at this function's ``tol``, ``max_iter`` and
+    ``on_failure`` (``info.jacobian`` "analytic (fused, triton kernel)", or "(fused, torch
+    twin)" without triton).
 
     Under torch.compile the solve runs eagerly (``torch.compiler.disable``; a graph break in
     a compiled caller): its loop stops on a data-dependent test on the host, which Dynamo would
@@ -427,6 +465,9 @@ def solve_recurrence(
         name = "sequential"
         info.method = "sequential"
         m = METHODS[name]
+    if _fused_route(cell, method, X, grad, init, jacobian):
+        H, info = _run_fused(cell, X, h0_flat, layout, tol, max_iter, on_failure)
+        return done(H)
     route = _compiled_route(cell, method, name, X, grad, init, jacobian)
     if route is not None:
         H, routed = _run_compiled(cell, route, X, h0_flat, layout, tol, max_iter, on_failure)
