@@ -224,7 +224,7 @@ def _compiled_replay(cell, route: str, X: Tensor, h0: Tensor, layout: StateLayou
         return torch.func.functional_call(cell, tensors, (x, h))
 
     states = solve_recurrence(step, X, layout.unflatten(h0), tol=tol, max_iter=max_iter,
-                              on_failure=on_failure,
+                              on_failure=on_failure, on_cost="ignore",
                               method="sequential" if route == "loop" else "newton")
     return layout.flatten(states)
 
@@ -368,7 +368,13 @@ def solve_recurrence(
         method: ``"sequential"``, ``"newton"``, ``"quasi_newton"``, ``"damped_newton"``,
             ``"picard"``, ``"jacobi"`` or ``"auto"`` (see ``choose_method``).
         tol: tolerance on the scaled residual max_t |h_t - f(x_t, h_{t-1})| / (1 + |f|);
-            default by dtype (``DEFAULT_TOL``: 1e-10 float64, 1e-5 float32).
+            default by dtype (``DEFAULT_TOL``: 1e-10 float64, 1e-5 float32). A per-step
+            bound: the states' error adds the residuals up along the trajectory where the
+            cell is near-neutral. So with the default in float32, a parallel solve whose
+            residual is above the rounding floor gets one exact Newton step (``_polish``,
+            about one implicit backward pass; dense Jacobians up to ``POLISH_MAX_D``),
+            which leaves the states within the loop's own float32 error. A tol given means
+            that per-step residual exactly.
         max_iter: cap on linear solves (default ``DEFAULT_MAX_ITER``, at most T).
         jacobian: ``"auto"`` (analytic if the cell provides it, else autograd), ``"analytic"``,
             ``"autograd"`` (exact, by torch.func: D vector-Jacobian products per row), or
@@ -623,6 +629,11 @@ get the Newton polish of ``_polish``; cells with diagonal or block Jacobians get
 size."""
 
 
+POLISH_SKIP = 2.5e-7
+"""A float32 residual at or under this (about two ulps of a unit state) is already at the
+rounding floor: ``_polish`` then costs one evaluation of the cell and changes nothing."""
+
+
 def _polish(fc: FlatCell, X: Tensor, H: Tensor, h0: Tensor, cell_dtype: torch.dtype,
             chunk_T: int) -> Tensor:
     """One exact Newton step from a solution H (B, T, D) accepted at the default float32
@@ -638,6 +649,8 @@ def _polish(fc: FlatCell, X: Tensor, H: Tensor, h0: Tensor, cell_dtype: torch.dt
     Hp = shift(H, h0)
     F0 = evaluate(fc, X, Hp.to(cell_dtype)).to(H.dtype)
     r0 = residual_map(H, F0).max()
+    if not bool(r0 > POLISH_SKIP):  # at the rounding floor already (Newton, usually)
+        return H
     e = _Adjoint(fc, X, Hp, cell_dtype, chunk_T).tangent(F0 - H)
     H1 = H + e
     F1 = evaluate(fc, X, shift(H1, h0).to(cell_dtype)).to(H.dtype)
