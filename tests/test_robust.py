@@ -156,16 +156,20 @@ def test_unrolled_second_derivatives_match_the_loop(method):
 
 
 @pytest.mark.parametrize("method", ["newton", "quasi_newton", "picard"])
-def test_implicit_second_derivative_is_a_clear_error(method):
+def test_implicit_second_derivative_matches_the_loop_and_a_third_is_a_clear_error(method):
     cell = Tanh()
     x = torch.randn(2, 5, 2, dtype=F64, requires_grad=True)
-    H = paraseq.solve_recurrence(cell, x, torch.zeros(2, 3, dtype=F64), method=method)
+    h0 = torch.zeros(2, 3, dtype=F64)
+    H = paraseq.solve_recurrence(cell, x, h0, method=method)
     (gW,) = torch.autograd.grad((H ** 3).sum(), cell.W, create_graph=True)
-    (want,) = torch.autograd.grad((loop(cell, x, torch.zeros(2, 3, dtype=F64)) ** 3).sum(),
-                                  cell.W)
+    Hl = loop(cell, x, h0)
+    (want,) = torch.autograd.grad((Hl ** 3).sum(), cell.W, create_graph=True)
     assert (gW - want).abs().max().item() < 1e-9  # first order stays exact
-    with pytest.raises(RuntimeError, match="grad='unrolled'"):
-        torch.autograd.grad((gW ** 2).sum(), cell.W)
+    (g2,) = torch.autograd.grad((gW ** 2).sum(), x, create_graph=True)
+    (w2,) = torch.autograd.grad((want ** 2).sum(), x, create_graph=True)
+    assert (g2 - w2).abs().max().item() < 1e-8
+    with pytest.raises(RuntimeError, match=r"third derivative.*grad='unrolled'"):
+        torch.autograd.grad(g2.sum(), cell.W)
 
 
 def nan_cell(x, h):

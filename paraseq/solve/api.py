@@ -207,18 +207,72 @@ def _run_fused(cell, X: Tensor, h0: Tensor, layout: StateLayout, tol: float,
     return H, info
 
 
+_COMPILED_PARAMS = ("weight_ih", "bias_ih", "weight_hh", "bias_hh")
+
+
 def _run_compiled(cell, route: str, X: Tensor, h0: Tensor, layout: StateLayout, tol: float,
                   max_iter: int | None, on_failure: str) -> tuple[Tensor, SolveInfo | None]:
     """The compiled loop or Newton sweeps for one of paraseq's cells: (H (B, T, D), the
-    sweeps' SolveInfo or None for the loop)."""
+    sweeps' SolveInfo or None for the loop).
+
+    Their backward (a numba adjoint) is once-differentiable, so where a gradient may be asked
+    for the kernels run inside ``paraseq.nn._twice.twice``: a plain backward is theirs, and a
+    backward that builds a graph (create_graph=True) replays the solve by the general path
+    (``_compiled_replay``), exact to second order."""
+    params = tuple(getattr(cell, k) for k in _COMPILED_PARAMS)
+    present = [p for p in params if p is not None]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (X, h0, *present))):
+        return _compiled_kernels(cell, route, X, h0, layout, tol, max_iter, on_failure, params)
+    from ..nn._twice import twice
+
+    box: dict = {}
+
+    def run(X, h0, *ps):
+        H, box["info"] = _compiled_kernels(cell, route, X, h0, layout, tol, max_iter,
+                                           on_failure, _fill(params, ps))
+        return (H,)
+
+    def replay(X, h0, *ps):
+        return (_compiled_replay(cell, route, X, h0, layout, tol, max_iter, on_failure,
+                                 _fill(params, ps)),)
+
+    (H,) = twice(run, replay, X, h0, *present)
+    return H, box["info"]
+
+
+def _fill(params: tuple, given: tuple) -> tuple:
+    """``params`` with its tensors replaced, in order, by ``given`` (None stays None)."""
+    it = iter(given)
+    return tuple(None if p is None else next(it) for p in params)
+
+
+def _compiled_replay(cell, route: str, X: Tensor, h0: Tensor, layout: StateLayout, tol: float,
+                     max_iter: int | None, on_failure: str, params: tuple) -> Tensor:
+    """The compiled route's solve by the general path, on ``params`` in place of the cell's
+    own (torch.func.functional_call): the loop for the compiled loop, Newton for the sweeps."""
+    names = dict(zip(_COMPILED_PARAMS, params, strict=True))
+    tensors = {k: v for k, v in names.items() if v is not None}
+
+    def step(x, h):
+        return torch.func.functional_call(cell, tensors, (x, h))
+
+    states = solve_recurrence(step, X, layout.unflatten(h0), tol=tol, max_iter=max_iter,
+                              on_failure=on_failure, on_cost="ignore",
+                              method="sequential" if route == "loop" else "newton")
+    return layout.flatten(states)
+
+
+def _compiled_kernels(cell, route: str, X: Tensor, h0: Tensor, layout: StateLayout, tol: float,
+                      max_iter: int | None, on_failure: str,
+                      params: tuple) -> tuple[Tensor, SolveInfo | None]:
     from ..cells import compiled, modules, newton
 
     T = X.shape[1]
     Hs = cell.hidden_size
     lstm = layout.is_tuple
     gru = isinstance(cell, (modules.GRUCell, modules.DiagGRUCell))
-    gi = compiled.input_projection(X.transpose(0, 1), cell.weight_ih, cell.bias_ih, Hs)
-    w, b = cell.weight_hh, cell.bias_hh
+    w_ih, b_ih, w, b = params
+    gi = compiled.input_projection(X.transpose(0, 1), w_ih, b_ih, Hs)
     h, c = (h0[:, :Hs], h0[:, Hs:]) if lstm else (h0, None)
     if route == "sweeps":
         if lstm or gru:
@@ -347,7 +401,13 @@ def solve_recurrence(
         method: ``"sequential"``, ``"newton"``, ``"quasi_newton"``, ``"damped_newton"``,
             ``"picard"``, ``"jacobi"`` or ``"auto"`` (see ``choose_method``).
         tol: tolerance on the scaled residual max_t |h_t - f(x_t, h_{t-1})| / (1 + |f|);
-            default by dtype (``DEFAULT_TOL``: 1e-10 float64, 1e-5 float32).
+            default by dtype (``DEFAULT_TOL``: 1e-10 float64, 1e-5 float32). A per-step
+            bound: the states' error adds the residuals up along the trajectory where the
+            cell is near-neutral. So with the default in float32, a parallel solve whose
+            residual is above the rounding floor gets one exact Newton step (``_polish``,
+            about one implicit backward pass; dense Jacobians up to ``POLISH_MAX_D``),
+            which leaves the states within the loop's own float32 error. A tol given means
+            that per-step residual exactly.
         max_iter: cap on linear solves (default ``DEFAULT_MAX_ITER``, at most T).
         jacobian: ``"auto"`` (analytic if the cell provides it, else autograd), ``"analytic"``,
             ``"autograd"`` (exact, by torch.func: D vector-Jacobian products per row), or
@@ -399,9 +459,10 @@ def solve_recurrence(
     retrace for every iteration count.
 
     Higher-order gradients: ``grad="unrolled"`` and ``method="sequential"`` are autograd
-    through the computation, exact to any order (gradient penalties, Hessian-vector products,
-    MAML). ``grad="implicit"`` gives exact first derivatives, also under create_graph=True,
-    and raises a RuntimeError naming those alternatives when differentiated a second time.
+    through the computation, exact to any order. ``grad="implicit"`` is exact to second order
+    for every method (gradient penalties, Hessian-vector products, MAML: a backward with
+    create_graph=True builds the adjoint as differentiable operations, see ``_Implicit``) and
+    raises a RuntimeError naming those alternatives when differentiated a third time.
 
     The cell's contract (deterministic, independent rows) is checked after a parallel solve by
     a probe of 16 rows evaluated twice: a stochastic cell (dropout in training mode) or one
@@ -431,6 +492,7 @@ def solve_recurrence(
     fc = FlatCell(cell, layout)
     D = layout.D
     cell_dtype = inputs.dtype
+    polish = tol is None and inputs.dtype == torch.float32
     work_dtype, tol = _work_dtype_and_tol(inputs.dtype, tol)
     X = inputs.reshape(B, T, n)  # (B, T, n)
     h0_flat = _as_batch_state(h0, layout, batch, "h0", inputs).to(work_dtype)  # (B, D)
@@ -527,6 +589,10 @@ def solve_recurrence(
                 h_start = Hc[:, -1]
                 info.time_chunks = len(parts)
             H = torch.cat(parts, dim=1)
+    if polish and on_failure != "warn" and (D <= POLISH_MAX_D or fc.diag_exact
+                                            or fc.has_blocks):
+        with torch.no_grad():
+            H = _polish(fc, X, H, h0_flat, cell_dtype, adjoint_chunk_T)
     # one evaluation at the solution: the residual that is reported, and, for the implicit
     # gradient, the differentiable f whose backward receives the adjoint (see _Implicit)
     F = evaluate(fc, X, shift(H.to(cell_dtype), h0_flat.to(cell_dtype)))
@@ -537,7 +603,7 @@ def solve_recurrence(
         return done(_loop_instead(fc, X, h0_flat, cell_dtype, info))
     if F.requires_grad:
         adj = _Adjoint(fc, X, shift(H, h0_flat).detach(), cell_dtype, adjoint_chunk_T)
-        H = _Implicit.apply(F, H, adj)
+        H = _Implicit.apply(F, H, adj, _Switch(), h0_flat, *_anchors(F, X, h0_flat, cell))
     return done(H)
 
 
@@ -597,6 +663,41 @@ def _solve(fc: FlatCell, m: Method, source: str | None, X: Tensor, h0: Tensor, H
     else:
         rest = sequential(fc, rest_X, start, loop_kw["cell_dtype"]).to(H.dtype)
     return torch.cat([H[:, :t0], rest], dim=1)
+
+
+POLISH_MAX_D = 64
+"""The largest state size (with a dense Jacobian) whose float32 solves at the default tolerance
+get the Newton polish of ``_polish``; cells with diagonal or block Jacobians get it at any
+size."""
+
+
+POLISH_SKIP = 2.5e-7
+"""A float32 residual at or under this (about two ulps of a unit state) is already at the
+rounding floor: ``_polish`` then costs one evaluation of the cell and changes nothing."""
+
+
+def _polish(fc: FlatCell, X: Tensor, H: Tensor, h0: Tensor, cell_dtype: torch.dtype,
+            chunk_T: int) -> Tensor:
+    """One exact Newton step from a solution H (B, T, D) accepted at the default float32
+    tolerance, kept when it lowers the residual.
+
+    The tolerance bounds each step's residual r_t = f(x_t, h_{t-1}) - h_t, but the states'
+    error e solves e_t = J_t e_{t-1} + r_t: on a near-neutral cell (J close to I, e.g.
+    h + 0.1 tanh(MLP(x, h))) the residuals of an accepted solve add up along the trajectory
+    (measured 1e-4 relative at T = 600 with picard, 100x the loop's own float32 error). The
+    step solves that recurrence with the true Jacobian (``_Adjoint.tangent``: the implicit
+    gradient's structure, diagonal, blocks or dense, and its time chunks), which leaves the
+    states at the rounding floor: about the cost of one implicit backward pass."""
+    Hp = shift(H, h0)
+    F0 = evaluate(fc, X, Hp.to(cell_dtype)).to(H.dtype)
+    r0 = residual_map(H, F0).max()
+    if not bool(r0 > POLISH_SKIP):  # at the rounding floor already (Newton, usually)
+        return H
+    e = _Adjoint(fc, X, Hp, cell_dtype, chunk_T).tangent(F0 - H)
+    H1 = H + e
+    F1 = evaluate(fc, X, shift(H1, h0).to(cell_dtype)).to(H.dtype)
+    r1 = residual_map(H1, F1).max()
+    return H1 if bool(r1 <= r0) else H
 
 
 PROBE_ROWS = 16
@@ -731,12 +832,17 @@ def _check_cost(name: str, B: int, T: int, D: int, n: int, fc: FlatCell, device:
 
 
 class _Adjoint:
-    """lambda_t = g_t + J_{t+1}^T lambda_{t+1}, with J the true Jacobian at the solution,
-    solved by reverse dense scans over time chunks (from the last chunk back).
+    """The linear recurrences of the implicit gradient, with J_t = d f(x_t, h_{t-1}) / d h_{t-1}
+    the true Jacobian at the solution, solved by scans over time chunks:
 
-    ``__call__`` is the first-order adjoint (no graph); ``differentiable`` the same lambda as
-    differentiable torch ops of g and of the solution itself, for backward passes that build a
-    graph (create_graph=True: gradient penalties, Hessian-vector products, MAML)."""
+    - ``__call__(g)``: the adjoint, lambda_t = g_t + J_{t+1}^T lambda_{t+1} (reverse, from the
+      last chunk back);
+    - ``tangent(v)``: its transpose, w_t = v_t + J_t w_{t-1} (forward): the derivative of the
+      solution along a perturbation v of the residual, and the backward of the adjoint
+      (``_AdjointSolve``).
+
+    Both run without a graph; ``_Implicit`` makes them differentiable where a backward builds
+    a graph."""
 
     def __init__(self, fc: FlatCell, X: Tensor, Hp: Tensor | None, cell_dtype: torch.dtype,
                  chunk_T: int):
@@ -744,48 +850,83 @@ class _Adjoint:
         self.diagonal = fc.diag_exact
         self.blocks = fc.has_blocks and not fc.diag_exact
 
-    def __call__(self, g: Tensor) -> Tensor:
+    def _jacobians(self, s: int, e: int) -> Tensor:
+        """J_t for t in [s, e): (B, Tc, D) diagonal, (B, Tc, G, k, k) blocks or (B, Tc, D, D)."""
         fc, X, Hp = self.fc, self.X, self.Hp
-        B, T, D = Hp.shape
-        g = g.to(Hp.dtype)
+        B, _, D = Hp.shape
+        rows_x = X[:, s:e].reshape(B * (e - s), X.shape[-1])
+        rows_h = Hp[:, s:e].reshape(B * (e - s), D).to(self.cell_dtype)
+        if self.diagonal:
+            res = fc.analytic_diag(rows_x, rows_h)
+            d = (res if res is not None else fc.autograd_diag(rows_x, rows_h))[1]
+            return d.reshape(B, e - s, D).to(Hp.dtype)
+        blocks = fc.analytic_blocks(rows_x, rows_h) if self.blocks else None
+        if blocks is not None:
+            Jb = blocks[1]
+            return Jb.reshape(B, e - s, *Jb.shape[1:]).to(Hp.dtype)
+        res = fc.analytic_full(rows_x, rows_h) if fc.has_full else None
+        J = (res if res is not None else fc.autograd_full(rows_x, rows_h))[1]
+        return J.reshape(B, e - s, D, D).to(Hp.dtype)
+
+    @staticmethod
+    def _apply(J: Tensor, v: Tensor) -> Tensor:  # J v for one step: (B, D)
+        if J.dim() == 2:
+            return J * v
+        if J.dim() == 4:  # blocks (B, G, k, k)
+            return from_blocks(torch.matmul(J, to_blocks(v, J.shape[-1]).unsqueeze(-1))
+                               .squeeze(-1))
+        return torch.matmul(J, v.unsqueeze(-1)).squeeze(-1)
+
+    def _scan(self, coef: Tensor, b: Tensor, reverse: bool) -> Tensor:
+        if coef.dim() == 5:
+            return block_scan(coef, b, None, reverse=reverse)
+        return linear_scan(coef, b, reverse=reverse,
+                           structure="diagonal" if self.diagonal else "dense")
+
+    def __call__(self, g: Tensor) -> Tensor:
+        T = self.Hp.shape[1]
+        g = g.to(self.Hp.dtype)
         lam = torch.empty_like(g)  # (B, T, D)
         carry = None  # J_{s}^T lambda_{s} for the first step s of the chunk after this one
         with torch.no_grad():
             for e in range(T, 0, -self.chunk_T):
                 s = max(0, e - self.chunk_T)
-                rows_x = X[:, s:e].reshape(B * (e - s), X.shape[-1])
-                rows_h = Hp[:, s:e].reshape(B * (e - s), D).to(self.cell_dtype)
-                blocks = fc.analytic_blocks(rows_x, rows_h) if self.blocks else None
-                if self.diagonal:  # J = diag(d): J^T = J, an elementwise reverse scan
-                    res = fc.analytic_diag(rows_x, rows_h)
-                    JT = (res if res is not None else fc.autograd_diag(rows_x, rows_h))[1]
-                    JT = JT.reshape(B, e - s, D).to(Hp.dtype)  # (B, Tc, D)
-                elif blocks is not None:  # transposed diagonal blocks (B, Tc, G, k, k)
-                    Jb = blocks[1]
-                    JT = Jb.reshape(B, e - s, *Jb.shape[1:]).transpose(-1, -2).to(Hp.dtype)
-                else:
-                    res = fc.analytic_full(rows_x, rows_h) if fc.has_full else None
-                    J = (res if res is not None else fc.autograd_full(rows_x, rows_h))[1]
-                    JT = J.reshape(B, e - s, D, D).transpose(-1, -2).to(Hp.dtype)  # (B,Tc,D,D)
+                J = self._jacobians(s, e)
+                JT = J if self.diagonal else J.transpose(-1, -2)
                 coef = torch.cat([JT[:, 1:], torch.zeros_like(JT[:, :1])], dim=1)
                 gc = g[:, s:e].clone()
                 if carry is not None:
                     gc[:, -1] += carry
-                if JT.dim() == 5:
-                    lam_c = block_scan(coef, gc, None, reverse=True)
-                else:
-                    lam_c = linear_scan(coef, gc, reverse=True,
-                                        structure="diagonal" if self.diagonal else "dense")
+                lam_c = self._scan(coef, gc, reverse=True)
                 lam[:, s:e] = lam_c
-                if self.diagonal:
-                    carry = JT[:, 0] * lam_c[:, 0]  # (B, D)
-                elif JT.dim() == 5:
-                    k = JT.shape[-1]
-                    carry = from_blocks(torch.matmul(
-                        JT[:, 0], to_blocks(lam_c[:, 0], k).unsqueeze(-1)).squeeze(-1))
-                else:
-                    carry = torch.matmul(JT[:, 0], lam_c[:, 0].unsqueeze(-1)).squeeze(-1)
+                carry = self._apply(JT[:, 0], lam_c[:, 0])
         return lam
+
+    def tangent(self, v: Tensor) -> Tensor:
+        T = self.Hp.shape[1]
+        v = v.to(self.Hp.dtype)
+        w = torch.empty_like(v)  # (B, T, D)
+        carry = None  # w at the last step of the chunk before this one
+        with torch.no_grad():
+            for s in range(0, T, self.chunk_T):
+                e = min(T, s + self.chunk_T)
+                J = self._jacobians(s, e)
+                vc = v[:, s:e].clone()
+                if carry is not None:
+                    vc[:, 0] += self._apply(J[:, 0], carry)
+                coef = torch.cat([torch.zeros_like(J[:, :1]), J[:, 1:]], dim=1)
+                w_c = self._scan(coef, vc, reverse=False)
+                w[:, s:e] = w_c
+                carry = w_c[:, -1]
+        return w
+
+
+class _Switch:
+    """A flag shared by the nodes of one implicit solve: while on, ``_Implicit.backward``
+    passes nothing on (the partial derivative at a fixed solution, see ``_Implicit``)."""
+
+    def __init__(self) -> None:
+        self.on = False
 
 
 class _Implicit(torch.autograd.Function):
@@ -793,46 +934,132 @@ class _Implicit(torch.autograd.Function):
     whose own autograd graph then yields the gradients for the inputs, h0 (through the first
     step) and every parameter of the cell, closed-over tensors included.
 
-    A backward that builds a graph (create_graph=True) gets the same first derivatives, but
-    lambda then carries a node that refuses to be differentiated (``_FirstOrderOnly``): the
-    adjoint state depends on the inputs and parameters through the solution, which this
-    backward does not differentiate, so a second derivative would be silently wrong. The
-    error says what to use instead (grad="unrolled", or method="sequential")."""
+    A backward that builds a graph (create_graph=True: gradient penalties, Hessian-vector
+    products, MAML) returns the same first derivatives as differentiable expressions, exact
+    to second order. With a the anchors (the inputs X, h0 and the tensors the cell holds,
+    ``_anchors``), the gradient is G_a = (d F / d a)(H, a)^T lambda, and both H and lambda
+    depend on a. So:
+
+    - H re-enters the graph through the inputs: H2, a fresh ``_Implicit`` node on a new
+      evaluation F2 = f(x, shift(H)) (its backward is this one, lazily: no recursion until a
+      derivative of that order is asked for);
+    - lambda is ``_AdjointSolve`` of G = g + S^T J(H2)^T lambda (S the shift; its value is
+      lambda, the fixed point), whose backward is the tangent recurrence, so lambda is
+      differentiable in g, H2 and the anchors;
+    - lambda goes to F's graph (built at a fixed H): the anchors' derivatives with lambda
+      differentiable; what that graph lacks, the dependence of d F / d a on H, comes back as
+      a correction to each anchor whose value is exactly zero: the partial derivative at H2
+      (H2 muted by ``_Switch`` while it is taken) minus the same at the constant H.
+
+    A third derivative raises (``_AdjointSolve``)."""
 
     @staticmethod
-    def forward(ctx, F: Tensor, H: Tensor, adjoint: _Adjoint, *anchors: Tensor) -> Tensor:
-        ctx.adjoint = adjoint
-        ctx.f_dtype = F.dtype
-        ctx.n_anchors = len(anchors)
-        out = H.clone()
-        ctx.save_for_backward(out)
-        return out
+    def forward(ctx, F: Tensor, H: Tensor, adjoint: _Adjoint, switch: _Switch, h0: Tensor,
+                *anchors: Tensor) -> Tensor:
+        ctx.adjoint, ctx.switch, ctx.f_dtype, ctx.H = adjoint, switch, F.dtype, H
+        ctx.h0, ctx.anchors = h0, anchors  # not save_for_backward: their graphs are needed
+        return H.clone()
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        rest = (None,) * ctx.n_anchors
+        none = (None,) * (4 + len(ctx.anchors))
+        if ctx.switch.on:
+            return (None, *none)
+        adj = ctx.adjoint
         with torch.no_grad():
-            lam = ctx.adjoint(g.detach()).to(ctx.f_dtype)
-        if torch.is_grad_enabled():  # create_graph=True: first order only, and say so
-            (out,) = ctx.saved_tensors
-            lam = _FirstOrderOnly.apply(lam, out)
-        return (lam, None, None, *rest)
-
-
-class _FirstOrderOnly(torch.autograd.Function):
-    """Passes lambda on; differentiating it raises (see ``_Implicit``)."""
+            lam = adj(g.detach()).to(ctx.f_dtype)
+        if not torch.is_grad_enabled():
+            return (lam, *none)
+        return _Implicit._differentiable(ctx, g, lam)
 
     @staticmethod
-    def forward(ctx, lam: Tensor, anchor: Tensor) -> Tensor:
+    def _differentiable(ctx, g: Tensor, lam: Tensor):
+        adj, h0, anchors = ctx.adjoint, ctx.h0, ctx.anchors
+        cdt, H = adj.cell_dtype, ctx.H
+        want = [i for i, a in enumerate(anchors) if a.requires_grad]
+        targets = [anchors[i] for i in want]
+        # H again, on the graph of the inputs: its own backward is the implicit one
+        F2 = evaluate(adj.fc, adj.X, shift(H.to(cdt), h0.to(cdt)))
+        switch = _Switch()
+        H2 = _Implicit.apply(F2, H, adj, switch, h0, *anchors) if F2.requires_grad else H
+        P = shift(H2, h0).to(cdt)  # (B, T, D)
+        F3 = evaluate(adj.fc, adj.X, P)
+        switch.on = True  # partial derivatives at H2, differentiable in it
+        try:
+            got = torch.autograd.grad(F3, [P, *targets], lam, create_graph=True,
+                                      allow_unused=True)
+        finally:
+            switch.on = False
+        gP, at_H2 = got[0], got[1:]
+        at_H = torch.autograd.grad(F2, targets, lam, create_graph=True, allow_unused=True) \
+            if targets else ()
+        if gP is None:
+            gP = torch.zeros_like(P)
+        G = g.to(lam.dtype) + torch.cat([gP[:, 1:], torch.zeros_like(gP[:, :1])], dim=1)
+        lam_out = _AdjointSolve.apply(G, lam, adj)
+        corr: list[Tensor | None] = [None] * len(anchors)
+        for i, u, v in zip(want, at_H2, at_H, strict=True):
+            if u is not None and v is not None:
+                corr[i] = u - v  # zero, with the derivative along H
+        return (lam_out, None, None, None, None, *corr)
+
+
+class _AdjointSolve(torch.autograd.Function):
+    """lambda (computed) as a function of G = g + S^T J^T lambda: d lambda = (I - S^T J^T)^{-1}
+    d G, so the backward is the tangent recurrence ``_Adjoint.tangent``."""
+
+    @staticmethod
+    def forward(ctx, G: Tensor, lam: Tensor, adjoint: _Adjoint) -> Tensor:
+        ctx.adjoint, ctx.dtype = adjoint, G.dtype
         return lam.clone()
+
+    @staticmethod
+    def backward(ctx, v: Tensor):
+        if torch.is_grad_enabled():
+            return _NoThirdOrder.apply(ctx.adjoint.tangent(v.detach()).to(ctx.dtype), v), \
+                None, None
+        return ctx.adjoint.tangent(v).to(ctx.dtype), None, None
+
+
+class _NoThirdOrder(torch.autograd.Function):
+    """Passes a second-order term on; differentiating it (a third derivative) raises."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, anchor: Tensor) -> Tensor:
+        return w.clone()
 
     @staticmethod
     def backward(ctx, _g: Tensor):
         raise RuntimeError(
-            "solve_recurrence: a second derivative through grad='implicit' (a gradient "
-            "penalty, a Hessian-vector product, MAML) is not supported by the implicit adjoint, "
-            "which gives exact first derivatives only; use grad='unrolled' (autograd through "
-            "the iterations, exact to any order) or method='sequential'")
+            "solve_recurrence: a third derivative through grad='implicit' is not supported "
+            "(the implicit adjoint is exact to second order: gradient penalties, "
+            "Hessian-vector products, MAML); use grad='unrolled' (autograd through the "
+            "iterations, exact to any order) or method='sequential'")
+
+
+def _anchors(F: Tensor, X: Tensor, h0: Tensor, cell: Callable) -> list[Tensor]:
+    """The tensors requiring grad that F = f(X, shift(H, h0)) depends on, to which the
+    second-order implicit backward returns its corrections: X, h0, the tensors the cell holds
+    (``_held_tensors``), and any other leaf reached by F's graph without passing through
+    those (a parameter read from somewhere ``_held_tensors`` does not look)."""
+    anchors = [t for t in (X, h0, *_held_tensors(cell)) if t.requires_grad]
+    stop = {id(a.grad_fn) for a in (*anchors, h0) if a.grad_fn is not None}
+    known = {id(a) for a in (*anchors, h0)}
+    seen: set[int] = set()
+    stack = [F.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen or id(node) in stop:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)
+        if isinstance(var, Tensor):  # AccumulateGrad: a leaf
+            if id(var) not in known:
+                known.add(id(var))
+                anchors.append(var)
+            continue
+        stack.extend(n for n, _ in node.next_functions)
+    return anchors
 
 
 def _check_cell_device(cell: Callable, inputs: Tensor) -> None:
@@ -884,6 +1111,9 @@ def _held_tensors(cell: Callable) -> list[Tensor]:
                     pass
         elif isinstance(obj, (tuple, list)) and depth < 2:
             for v in obj:
+                add(v, depth + 1)
+        elif isinstance(obj, dict) and depth < 2:
+            for v in obj.values():
                 add(v, depth + 1)
 
     add(cell)
