@@ -195,7 +195,7 @@ def _diag_sweeps(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh
     ``compiled.diag._diag_newton``, vectors over the batch where gi has it contiguous
     (``input_projection``'s layout at small H), else over the units. ``quasi``: the LSTM's
     diagonal quasi-Newton step instead of exact Newton on its 2 x 2 blocks."""
-    B, T, K = gi.shape
+    B, T, _ = gi.shape
     H = h0.shape[-1]
     lstm = c0 is not None
     W = C._width(gi.dtype)
@@ -260,6 +260,9 @@ def newton_sequence(cell: int, gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_h
         raise ValueError(f"newton_sequence: method must be 'newton' (or 'quasi_newton' for a "
                          f"diagonal (K,) weight_hh); got {method!r} with weight_hh of shape "
                          f"{tuple(weight_hh.shape)}")
+    if weight_hh.dim() == 1 and cell not in (C._GRU, C._LSTM):
+        raise ValueError("newton_sequence: a diagonal (K,) weight_hh is the GRU's or the "
+                         "LSTM's (DiagGRU, DiagLSTM); the Elman cells take (H, H)")
     info: dict = {}
     states = _NewtonSequence.apply(cell, gi, h0, c0, weight_hh, bias_hh,
                                    (target, accept, max_iter, on_failure, info, method))

@@ -24,8 +24,9 @@ layer and direction as one ``solve_recurrence``: the input products W_ih x + b_i
 in one matmul, then Newton (or the chosen method) over the recurrent half with the analytic
 Jacobians of ``paraseq.nn._gated``; the backward pass is the implicit adjoint (one reverse
 scan per layer and direction), exact whatever method the forward used. On a CPU (float32 or
-float64, numba installed) ``method="newton"`` on GRU, RNN and LSTM (without proj_size) runs
-as the compiled sweeps of
+float64, numba installed) ``method="newton"`` on GRU, RNN and LSTM (without proj_size), and
+"newton" and "quasi_newton" on DiagGRU and DiagLSTM (an elementwise sweep), run as the
+compiled sweeps of
 ``paraseq.cells.newton``: the same Newton iteration and stopping rule, matrix-free, one pass
 over memory per iteration, with the compiled loop's reverse sweep as its adjoint
 (``SolveInfo.jacobian`` reads "analytic (compiled sweep)"; ``NEWTON_SWEEPS = False`` sends it
@@ -454,7 +455,7 @@ class _RNNBase(nn.Module):
                        method: str, backward_dir: bool, rev_idx: Tensor | None):
         """The fast path: the compiled loop, the compiled Newton sweeps or
         ``solve_recurrence`` (appending its ``SolveInfo`` to ``last_solve_info``)."""
-        fused = method == "newton" and self._sweeps_newton(layer_in)
+        fused = method in ("newton", "quasi_newton") and self._sweeps_newton(layer_in, method)
         if method == "compiled" or fused:  # laid out for the kernel that will run
             gi = compiled.input_projection(layer_in, p["weight_ih"], p.get("bias_ih"),
                                            self.hidden_size)
@@ -466,7 +467,7 @@ class _RNNBase(nn.Module):
         if method == "compiled":
             states = self._compiled_sequence(gi, h0, p)
         elif fused:
-            states, info = self._newton_sweeps(gi, h0, p)
+            states, info = self._newton_sweeps(gi, h0, p, method)
             self.last_solve_info.append(info)
         else:
             states, info = self._solve(self._make_cell(p), gi,
@@ -510,17 +511,20 @@ class _RNNBase(nn.Module):
             return fn(gi, h0[0], w, b, "tanh" if self.mode == "RNN_TANH" else "relu")
         return fn(gi, h0[0], w, b)
 
-    def _sweeps_newton(self, x: Tensor) -> bool:
-        """Whether method="newton" runs as the compiled Newton sweeps of
-        ``paraseq.cells.newton`` (GRU, tanh/relu RNN and LSTM without proj_size; CPU
-        float32/float64, numba): the same
-        iteration as ``solve_recurrence``'s, matrix-free and fused into one pass per iteration
-        (``NEWTON_SWEEPS = False`` turns it off)."""
-        return (NEWTON_SWEEPS and not self._diagonal and self.mode in _SWEEP_CELLS
+    def _sweeps_newton(self, x: Tensor, method: str = "newton") -> bool:
+        """Whether ``method`` runs as the compiled Newton sweeps of ``paraseq.cells.newton``
+        (CPU float32/float64, numba): "newton" on GRU, tanh/relu RNN and LSTM without
+        proj_size, and "newton" and "quasi_newton" on DiagGRU and DiagLSTM (an elementwise
+        sweep); the same iteration as ``solve_recurrence``'s, matrix-free and fused into one
+        pass per iteration (``NEWTON_SWEEPS = False`` turns it off)."""
+        if method == "quasi_newton" and not self._diagonal:
+            return False
+        return (NEWTON_SWEEPS and self.mode in _SWEEP_CELLS
                 and not getattr(self, "proj_size", 0) and newton.supported(x.transpose(0, 1)))
 
     @torch.compiler.disable
-    def _newton_sweeps(self, gi: Tensor, h0: tuple[Tensor, ...], p: dict[str, Tensor]):
+    def _newton_sweeps(self, gi: Tensor, h0: tuple[Tensor, ...], p: dict[str, Tensor],
+                       method: str = "newton"):
         """One layer and direction by ``paraseq.cells.newton``: (states (B, T, H), or the LSTM's
         (h, c), info), with the modules' tolerances (tol=None: accepted at ``DEFAULT_TOL``,
         refined towards ``FLOOR_TOL``) and ``on_failure``."""
@@ -530,7 +534,7 @@ class _RNNBase(nn.Module):
         else:
             accept = target = self.tol
         cap = self.max_iter if self.max_iter is not None else \
-            min(DEFAULT_MAX_ITER["newton"], T) + _REFINE_MAX_ITER
+            min(DEFAULT_MAX_ITER[method], T) + _REFINE_MAX_ITER
         b = p.get("bias_hh")
         w = p["weight_hh"]
         lstm = self.mode == "LSTM"
@@ -538,7 +542,7 @@ class _RNNBase(nn.Module):
                                       w.new_zeros(w.shape[0]) if b is None else b,
                                       target=target, accept=accept, max_iter=cap,
                                       on_failure=self.on_failure,
-                                      c0=h0[1].to(gi.dtype) if lstm else None)
+                                      c0=h0[1].to(gi.dtype) if lstm else None, method=method)
 
     @torch.compiler.disable
     def _solve(self, cell, gi: Tensor, h0, method: str) -> tuple[object, SolveInfo]:
