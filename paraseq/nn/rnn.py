@@ -424,7 +424,10 @@ class _RNNBase(nn.Module):
                                s[torch.arange(B, device=s.device), last])
                 h_seq = states[0]  # (B, T, Hout)
                 outs.append(h_seq if d == 0 else _flip(h_seq, rev_idx))
-            out = torch.cat([o.transpose(0, 1) for o in outs], dim=-1)  # (T, B, Dn Hout)
+            if len(outs) == 1:  # no copy where the kernel's layout is already (T, B, H)
+                out = outs[0].transpose(0, 1).contiguous()  # (T, B, Hout)
+            else:
+                out = torch.cat([o.transpose(0, 1) for o in outs], dim=-1)  # (T, B, Dn Hout)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 out = F.dropout(out, self.dropout, True)
             layer_in = out

@@ -410,12 +410,14 @@ class _Projection(torch.autograd.Function):
         K = weight.shape[0]
         if lanes:
             gi = _alloc((K, N), x2.dtype)
-            if n == 1:  # an outer product
+            if n == 1 and bias is not None:  # an outer product and its bias, in one pass
+                torch.addcmul(bias.unsqueeze(1), weight, x2.reshape(1, N), out=gi)
+            elif n == 1:
                 torch.mul(weight, x2.reshape(1, N), out=gi)
             else:
                 torch.mm(weight, x2.t(), out=gi)
-            if bias is not None:
-                gi.add_(bias.unsqueeze(1))  # addmm's broadcast bias would cost a pass more
+                if bias is not None:
+                    gi.add_(bias.unsqueeze(1))  # addmm's broadcast bias would cost a pass more
         else:
             gi = _alloc((N, K), x2.dtype)
             if bias is None:
