@@ -131,7 +131,7 @@ def test_compiled_cache_stamp_covers_every_kernel_file():
     graph = _import_graph()
     pkg = "paraseq.cells.compiled"
     stamped = {m.__name__ for m in compiled._KERNEL_MODULES}
-    for mod in ("lanes", "rows"):
+    for mod in ("lanes", "rows", "diag"):
         used = {m for m in graph[f"{pkg}.{mod}"] if m.startswith(pkg + ".")}
         assert used <= stamped, f"{mod} compiles code from {used - stamped}, not in the stamp"
     kernels = compiled._build()

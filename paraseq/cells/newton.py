@@ -70,6 +70,44 @@ PATIENCE = 8
 (``paraseq.solve``'s rule)."""
 
 
+def _iterate(sweep, start, first, pmax, smax, omax, T: int, *, target: float, accept: float,
+             max_iter: int, patience: int):
+    """Runs ``sweep()`` (one Newton sweep over every group, reading ``start`` and writing
+    ``first``, ``pmax``, ``smax``, ``omax`` per group, as the kernels do) until the residual is
+    <= target, or (above ``accept``) it has not halved for ``patience`` sweeps, or (at or below
+    ``accept``) a sweep fails to halve it, or ``max_iter`` sweeps were made; moves each group's
+    start past its converged prefix. -> (sweeps, residuals, the first step of each sweep)."""
+    pre = np.zeros(start.shape[0], dtype=np.float64)  # the largest residual of steps left alone
+    residuals: list[float] = []
+    starts: list[int] = []
+    best, since = float("inf"), 0
+    k = 0
+    while k < max_iter:
+        starts.append(int(start.min()))
+        sweep()
+        k += 1
+        if k == 1:
+            residuals.append(float(omax.max()))
+        swept = start < T
+        r = float(np.maximum(pre, np.where(swept, smax, 0.0)).max())
+        residuals.append(r)
+        pre = np.where(swept, np.maximum(pre, pmax), pre)
+        start[:] = np.where(swept, first, start)
+        if r <= target:
+            break
+        if r <= accept:  # refining towards target: stop once a sweep no longer halves it
+            if len(residuals) >= 2 and not r <= 0.5 * residuals[-2]:
+                break
+        else:
+            if r < 0.5 * best:
+                best, since = r, 0
+            else:
+                since += 1
+            if since >= patience:
+                break
+    return k, residuals, starts
+
+
 def _sweeps(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Tensor,
             bias_hh: Tensor, *, target: float, accept: float, max_iter: int,
             patience: int = PATIENCE):
@@ -132,7 +170,6 @@ def _sweeps(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Ten
     start = np.zeros(NG, dtype=np.int64)
     first = np.zeros(NG, dtype=np.int64)
     pmax, smax, omax = (np.zeros(NG, dtype=npdt) for _ in range(3))
-    pre = np.zeros(NG, dtype=np.float64)  # the largest residual of the steps left alone
     kern = C._build()[f"_{kernel}_newton"]
     w = wts.w if lanes else wts.wT
 
@@ -140,39 +177,65 @@ def _sweeps(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Ten
         kern(cell, gif, gs, h0f, c0f, w, wts.bh, hbf, hs, cbf, cs, gbf, gss, start, first,
              pmax, smax, omax, npdt(target), T, H, lo, hi, vw)
 
-    residuals: list[float] = []
-    starts: list[int] = []
-    best, since = float("inf"), 0
-    k = 0
-    while k < max_iter:
-        starts.append(int(start.min()))
-        C._run_split(part, B, W, nt, lanes)
-        k += 1
-        if k == 1:
-            residuals.append(float(omax.max()))
-        swept = start < T
-        r = float(np.maximum(pre, np.where(swept, smax, 0.0)).max())
-        residuals.append(r)
-        pre = np.where(swept, np.maximum(pre, pmax), pre)
-        start[:] = np.where(swept, first, start)
-        if r <= target:
-            break
-        if r <= accept:  # refining towards target: stop once a sweep no longer halves it
-            if len(residuals) >= 2 and not r <= 0.5 * residuals[-2]:
-                break
-        else:
-            if r < 0.5 * best:
-                best, since = r, 0
-            else:
-                since += 1
-            if since >= patience:
-                break
+    k, residuals, starts = _iterate(lambda: C._run_split(part, B, W, nt, lanes), start, first,
+                                    pmax, smax, omax, T, target=target, accept=accept,
+                                    max_iter=max_iter, patience=patience)
+    return hv, cv, k, residuals, int(start.min()), starts
+
+
+DIAG_SPLIT_MIN = 1 << 21
+"""The diagonal sweep splits its groups across ``torch.get_num_threads()`` threads when
+B T H reaches this (and there are at least 4 groups per thread)."""
+
+
+def _diag_sweeps(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Tensor,
+                 bias_hh: Tensor, *, target: float, accept: float, max_iter: int,
+                 quasi: bool = False, patience: int = PATIENCE):
+    """``_sweeps`` for the diagonal-recurrence cells (weight_hh (K,)): the elementwise kernel
+    ``compiled.diag._diag_newton``, vectors over the batch where gi has it contiguous
+    (``input_projection``'s layout at small H), else over the units. ``quasi``: the LSTM's
+    diagonal quasi-Newton step instead of exact Newton on its 2 x 2 blocks."""
+    B, T, _ = gi.shape
+    H = h0.shape[-1]
+    lstm = c0 is not None
+    W = C._width(gi.dtype)
+    vb = gi.stride(0) == 1 and B > 1
+    hv = C._empty_like_layout(B, T, H, vb, gi)  # (B, T, H): (H, T, B) or (T, B, H) memory
+    hv.zero_()
+    cv = None
+    if lstm:
+        cv = C._empty_like_layout(B, T, H, vb, gi)
+        cv.zero_()
+    npdt = np.float32 if gi.dtype == torch.float32 else np.float64
+    empty = np.zeros(1, dtype=npdt)
+    gif, gs = C._flat(gi)
+    hbf, hs = C._flat(hv)
+    cbf, cs = C._flat(cv) if lstm else (empty, (0, 0, 0))
+    h0f = C._vec(h0)
+    c0f = C._vec(c0) if lstm else empty
+    wd, bh = C._vec(weight_hh), C._vec(bias_hh)
+    NG = H * -(-B // W) if vb else B * -(-H // W)
+    start = np.zeros(NG, dtype=np.int64)
+    first = np.zeros(NG, dtype=np.int64)
+    pmax, smax, omax = (np.zeros(NG, dtype=npdt) for _ in range(3))
+    kern = C._build()["_diag_newton"]
+    vw = (0,) * W
+    nt = min(torch.get_num_threads(), NG // 4) if B * T * H >= DIAG_SPLIT_MIN else 1
+
+    def part(lo, hi):
+        kern(cell, gif, gs, h0f, c0f, wd, bh, hbf, hs, cbf, cs, start, first, pmax, smax,
+             omax, quasi, npdt(target), T, B, H, vb, lo, hi, vw)
+
+    k, residuals, starts = _iterate(lambda: C._run_split(part, NG, 1, max(nt, 1), False),
+                                    start, first, pmax, smax, omax, T, target=target,
+                                    accept=accept, max_iter=max_iter, patience=patience)
     return hv, cv, k, residuals, int(start.min()), starts
 
 
 def newton_sequence(cell: int, gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tensor, *,
                     target: float, accept: float, max_iter: int, on_failure: str,
-                    c0: Tensor | None = None, stats: dict | None = None):
+                    c0: Tensor | None = None, stats: dict | None = None,
+                    method: str = "newton"):
     """The states (B, T, H) by Newton sweeps (the LSTM, given c0: the tuple (h, c)), and the
     solve's ``SolveInfo``; differentiable in gi, h0, c0, weight_hh and bias_hh by the implicit
     adjoint (the compiled loop's reverse sweep at the solution: exact whatever the iterations
@@ -183,13 +246,26 @@ def newton_sequence(cell: int, gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_h
     above ``target`` (``info.fell_back``, ``info.fallback_from``), "raise" raises
     ``paraseq.ConvergenceError``, "warn" warns and returns the last iterate. ``stats``, if
     given, receives "starts": the first step each sweep began at (the converged prefix before
-    it was left alone)."""
+    it was left alone).
+
+    A (K,) weight_hh is the diagonal recurrence of DiagGRU/DiagLSTM: its sweep is elementwise
+    (``compiled.diag``). ``method``: "newton", or "quasi_newton" (the same exact Newton for
+    the diagonal GRU; the diagonal LSTM's Jacobian cut to its diagonal); the label
+    ``SolveInfo.method`` reads."""
     if (cell == C._LSTM) != (c0 is not None):
         raise ValueError("newton_sequence: c0 is the LSTM's initial cell state, needed by the "
                          "LSTM and by no other cell")
+    if method not in ("newton", "quasi_newton") or (method == "quasi_newton"
+                                                     and weight_hh.dim() != 1):
+        raise ValueError(f"newton_sequence: method must be 'newton' (or 'quasi_newton' for a "
+                         f"diagonal (K,) weight_hh); got {method!r} with weight_hh of shape "
+                         f"{tuple(weight_hh.shape)}")
+    if weight_hh.dim() == 1 and cell not in (C._GRU, C._LSTM):
+        raise ValueError("newton_sequence: a diagonal (K,) weight_hh is the GRU's or the "
+                         "LSTM's (DiagGRU, DiagLSTM); the Elman cells take (H, H)")
     info: dict = {}
     states = _NewtonSequence.apply(cell, gi, h0, c0, weight_hh, bias_hh,
-                                   (target, accept, max_iter, on_failure, info))
+                                   (target, accept, max_iter, on_failure, info, method))
     if stats is not None:
         stats["starts"] = info["starts"]
     return states, info["info"]
@@ -206,22 +282,27 @@ class _NewtonSequence(torch.autograd.Function):
     def forward(ctx, cell, gi, h0, c0, weight_hh, bias_hh, opts):
         import warnings
 
-        target, accept, max_iter, on_failure, out = opts
-        oh, oc, k, residuals, fail, out["starts"] = _sweeps(
-            cell, gi, h0, c0, weight_hh, bias_hh, target=target, accept=accept,
-            max_iter=max_iter)
+        target, accept, max_iter, on_failure, out, method = opts
+        if weight_hh.dim() == 1:
+            oh, oc, k, residuals, fail, out["starts"] = _diag_sweeps(
+                cell, gi, h0, c0, weight_hh, bias_hh, target=target, accept=accept,
+                max_iter=max_iter, quasi=method == "quasi_newton" and cell == C._LSTM)
+        else:
+            oh, oc, k, residuals, fail, out["starts"] = _sweeps(
+                cell, gi, h0, c0, weight_hh, bias_hh, target=target, accept=accept,
+                max_iter=max_iter)
         r = residuals[-1]
-        info = SolveInfo(method="newton", iterations=k, converged=r <= accept, residual=r,
+        info = SolveInfo(method=method, iterations=k, converged=r <= accept, residual=r,
                          jacobian="analytic (compiled sweep)", tol=accept, residuals=residuals)
         if not info.converged:
             if on_failure == "raise":
                 raise ConvergenceError(
-                    f"solve_recurrence: method='newton' stopped after {k} iterations with "
+                    f"solve_recurrence: method={method!r} stopped after {k} iterations with "
                     f"residual {r:.3e} > tol {accept:.1e}; use on_failure='fallback' to finish "
                     f"sequentially from the first unconverged step, raise max_iter, or try "
                     f"method='damped_newton'", k, r, info)
             if on_failure == "warn":
-                warnings.warn(f"solve_recurrence: method='newton' did not converge in {k} "
+                warnings.warn(f"solve_recurrence: method={method!r} did not converge in {k} "
                               f"iterations (residual {r:.3e} > tol {accept:.1e}); returning "
                               f"the last iterate", RuntimeWarning, stacklevel=4)
             else:  # fallback: the compiled loop from the first step above target

@@ -39,9 +39,10 @@ parallel (newton)  ``routing.newton_beats_cudnn`` (T >= 1e4, B D^2 <= 1024,
 
 These are the numbers of ``paraseq.solve.choose_method`` (``_CPU_PARALLEL_WORK``) with the
 modules' training factors; ``tests/test_nn_dropin.py`` holds the table and ``choose_method``
-to the same answers over a grid. A parallel "newton" on GRU, RNN and LSTM without proj_size
-(CPU, numba) runs as the compiled Newton sweeps of ``paraseq.cells.newton`` (its label stays
-"parallel (newton)"; ``SolveInfo.jacobian`` says "analytic (compiled sweep)").
+to the same answers over a grid. A parallel "newton" on GRU, RNN and LSTM without proj_size,
+and "newton" or "quasi_newton" on DiagGRU and DiagLSTM (CPU, numba), runs as the compiled
+Newton sweeps of ``paraseq.cells.newton`` (its label stays "parallel (<method>)";
+``SolveInfo.jacobian`` says "analytic (compiled sweep)").
 """
 
 from __future__ import annotations

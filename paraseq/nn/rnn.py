@@ -37,8 +37,9 @@ layer and direction as one ``solve_recurrence``: the input products W_ih x + b_i
 in one matmul, then Newton (or the chosen method) over the recurrent half with the analytic
 Jacobians of ``paraseq.nn._gated``; the backward pass is the implicit adjoint (one reverse
 scan per layer and direction), exact whatever method the forward used. On a CPU (float32 or
-float64, numba installed) ``method="newton"`` on GRU, RNN and LSTM (without proj_size) runs
-as the compiled sweeps of
+float64, numba installed) ``method="newton"`` on GRU, RNN and LSTM (without proj_size), and
+"newton" and "quasi_newton" on DiagGRU and DiagLSTM (an elementwise sweep), run as the
+compiled sweeps of
 ``paraseq.cells.newton``: the same Newton iteration and stopping rule, matrix-free, one pass
 over memory per iteration, with the compiled loop's reverse sweep as its adjoint
 (``SolveInfo.jacobian`` reads "analytic (compiled sweep)"; ``NEWTON_SWEEPS = False`` sends it
@@ -455,7 +456,10 @@ class _RNNBase(nn.Module):
                                s[torch.arange(B, device=s.device), last])
                 h_seq = states[0]  # (B, T, Hout)
                 outs.append(h_seq if d == 0 else _flip(h_seq, rev_idx))
-            out = torch.cat([o.transpose(0, 1) for o in outs], dim=-1)  # (T, B, Dn Hout)
+            if len(outs) == 1:  # no copy where the kernel's layout is already (T, B, H)
+                out = outs[0].transpose(0, 1).contiguous()  # (T, B, Hout)
+            else:
+                out = torch.cat([o.transpose(0, 1) for o in outs], dim=-1)  # (T, B, Dn Hout)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 out = F.dropout(out, self.dropout, True)
             layer_in = out
@@ -493,7 +497,7 @@ class _RNNBase(nn.Module):
             states, info = self._fused_newton(gi, h0, p)  # gi (B, T, K H)
             self.last_solve_info.append(info)
             return tuple(states) if self.mode == "LSTM" else (states,)
-        fused = method == "newton" and self._sweeps_newton(layer_in)
+        fused = method in ("newton", "quasi_newton") and self._sweeps_newton(layer_in, method)
         if method == "compiled" or fused:  # laid out for the kernel that will run
             gi = compiled.input_projection(layer_in, p["weight_ih"], p.get("bias_ih"),
                                            self.hidden_size)
@@ -505,7 +509,7 @@ class _RNNBase(nn.Module):
         if method == "compiled":
             states = self._compiled_sequence(gi, h0, p)
         elif fused:
-            states, info = self._newton_sweeps(gi, h0, p)
+            states, info = self._newton_sweeps(gi, h0, p, method)
             self.last_solve_info.append(info)
         else:
             states, info = self._solve(self._make_cell(p), gi,
@@ -549,17 +553,20 @@ class _RNNBase(nn.Module):
             return fn(gi, h0[0], w, b, "tanh" if self.mode == "RNN_TANH" else "relu")
         return fn(gi, h0[0], w, b)
 
-    def _sweeps_newton(self, x: Tensor) -> bool:
-        """Whether method="newton" runs as the compiled Newton sweeps of
-        ``paraseq.cells.newton`` (GRU, tanh/relu RNN and LSTM without proj_size; CPU
-        float32/float64, numba): the same
-        iteration as ``solve_recurrence``'s, matrix-free and fused into one pass per iteration
-        (``NEWTON_SWEEPS = False`` turns it off)."""
-        return (NEWTON_SWEEPS and not self._diagonal and self.mode in _SWEEP_CELLS
+    def _sweeps_newton(self, x: Tensor, method: str = "newton") -> bool:
+        """Whether ``method`` runs as the compiled Newton sweeps of ``paraseq.cells.newton``
+        (CPU float32/float64, numba): "newton" on GRU, tanh/relu RNN and LSTM without
+        proj_size, and "newton" and "quasi_newton" on DiagGRU and DiagLSTM (an elementwise
+        sweep); the same iteration as ``solve_recurrence``'s, matrix-free and fused into one
+        pass per iteration (``NEWTON_SWEEPS = False`` turns it off)."""
+        if method == "quasi_newton" and not self._diagonal:
+            return False
+        return (NEWTON_SWEEPS and self.mode in _SWEEP_CELLS
                 and not getattr(self, "proj_size", 0) and newton.supported(x.transpose(0, 1)))
 
     @torch.compiler.disable
-    def _newton_sweeps(self, gi: Tensor, h0: tuple[Tensor, ...], p: dict[str, Tensor]):
+    def _newton_sweeps(self, gi: Tensor, h0: tuple[Tensor, ...], p: dict[str, Tensor],
+                       method: str = "newton"):
         """One layer and direction by ``paraseq.cells.newton``: (states (B, T, H), or the LSTM's
         (h, c), info), with the modules' tolerances (tol=None: accepted at ``DEFAULT_TOL``,
         refined towards ``FLOOR_TOL``) and ``on_failure``."""
@@ -569,7 +576,7 @@ class _RNNBase(nn.Module):
         else:
             accept = target = self.tol
         cap = self.max_iter if self.max_iter is not None else \
-            min(DEFAULT_MAX_ITER["newton"], T) + _REFINE_MAX_ITER
+            min(DEFAULT_MAX_ITER[method], T) + _REFINE_MAX_ITER
         on_failure = self.on_failure
         if self._fixed_iterations is not None:  # at most K sweeps, the iterate as reached
             cap, on_failure = self._fixed_iterations, "warn"
@@ -584,7 +591,8 @@ class _RNNBase(nn.Module):
                                           w.new_zeros(w.shape[0]) if b is None else b,
                                           target=target, accept=accept, max_iter=cap,
                                           on_failure=on_failure,
-                                          c0=h0[1].to(gi.dtype) if lstm else None)
+                                          c0=h0[1].to(gi.dtype) if lstm else None,
+                                          method=method)
 
     @torch.compiler.disable
     def _fused_newton(self, gi: Tensor, h0: tuple[Tensor, ...], p: dict[str, Tensor]):

@@ -73,6 +73,7 @@ The package, top down:
     buffers    tensors to kernel arguments: flat views, output layouts, weight layouts
     lanes      the lanes kernels: forward loop, adjoint, Newton sweep (every cell kind)
     rows       the rows kernels: the same three
+    diag       the Newton sweep of the diagonal-recurrence cells (elementwise, either layout)
     cellmath   each cell family's step, adjoint and Newton unit on vectors (GRU, Elman, LSTM)
     simd       the numba extension (the vector type and its intrinsics), tanh, sigmoid, expm1
 
@@ -92,7 +93,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import cellmath, lanes, rows, simd
+from . import cellmath, diag, lanes, rows, simd
 from .buffers import _alloc, _alloc_like, _empty_like_layout, _flat, _pad, _vec, _Weights
 from .cellmath import _ELMAN_RELU, _ELMAN_TANH, _GRU, _LSTM, _NGATES
 from .plan import _plan, _run_split, _width
@@ -122,10 +123,12 @@ def supported(x: Tensor) -> bool:
 
 _VEC_HELPERS = {simd: ("_tanh_from_expm1",),
                 cellmath: ("_gru_f", "_gru_b", "_elman_f", "_elman_b", "_lstm_f", "_lstm_b",
-                           "_res", "_gru_newton", "_elman_newton", "_lstm_newton")}
+                           "_res", "_gru_newton", "_elman_newton", "_lstm_newton",
+                           "_lstm_quasi")}
 _ENTRY = {lanes: ("_lanes_fwd", "_lanes_bwd", "_lanes_newton"),
-          rows: ("_rows_fwd", "_rows_bwd", "_rows_newton")}
-_KERNEL_MODULES = (simd, cellmath, lanes, rows)
+          rows: ("_rows_fwd", "_rows_bwd", "_rows_newton"),
+          diag: ("_diag_newton",)}
+_KERNEL_MODULES = (simd, cellmath, lanes, rows, diag)
 
 
 def _source_stamp() -> bytes:
@@ -407,12 +410,14 @@ class _Projection(torch.autograd.Function):
         K = weight.shape[0]
         if lanes:
             gi = _alloc((K, N), x2.dtype)
-            if n == 1:  # an outer product
+            if n == 1 and bias is not None:  # an outer product and its bias, in one pass
+                torch.addcmul(bias.unsqueeze(1), weight, x2.reshape(1, N), out=gi)
+            elif n == 1:
                 torch.mul(weight, x2.reshape(1, N), out=gi)
             else:
                 torch.mm(weight, x2.t(), out=gi)
-            if bias is not None:
-                gi.add_(bias.unsqueeze(1))  # addmm's broadcast bias would cost a pass more
+                if bias is not None:
+                    gi.add_(bias.unsqueeze(1))  # addmm's broadcast bias would cost a pass more
         else:
             gi = _alloc((N, K), x2.dtype)
             if bias is None:

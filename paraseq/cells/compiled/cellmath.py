@@ -108,3 +108,17 @@ def _lstm_newton(xi, xf, xg, xo, yi, yf, yg, yo, ui, uf, ug, uo, cp, cq):
     dh = og * (1.0 - og) * (uo - yo) * tc + og * (1.0 - tc * tc) * dc
     n2 = _lstm_f(xi, xf, xg, xo, ui, uf, ug, uo, cq)
     return fh, fc, fh + dh, fc + dc, n2[3] * n2[5], n2[4]
+
+
+def _lstm_quasi(xi, xf, xg, xo, wi, wf, wg, wo, bi, bf, bg, bo, hp, hq, cp, cq, fh, fc):
+    """The quasi-Newton step of the diagonal LSTM: the new (h_t, c_t) (unsanitised) with the
+    Jacobian over [h, c] cut to its diagonal, dh_t/dh_{t-1} and dc_t/dc_{t-1} = f (the solver's
+    "quasi_newton" on ``DiagLSTMGated``: ``functional._lstm_diag_from_parts``)."""
+    i = _vsigmoid(xi + wi * hp + bi)
+    f = _vsigmoid(xf + wf * hp + bf)
+    gg = _vtanh(xg + wg * hp + bg)
+    o = _vsigmoid(xo + wo * hp + bo)
+    tc = _vtanh(fc)
+    dcdh = cp * f * (1.0 - f) * wf + gg * i * (1.0 - i) * wi + i * (1.0 - gg * gg) * wg
+    jhh = o * (1.0 - o) * wo * tc + o * (1.0 - tc * tc) * dcdh
+    return fh + jhh * (hq - hp), fc + f * (cq - cp)
