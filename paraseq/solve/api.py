@@ -20,6 +20,7 @@ from ..scan import linear_scan
 from .cell import FlatCell, State, StateLayout
 from .iterate import (
     LoopResult,
+    _eval,
     block_scan,
     evaluate,
     first_failure,
@@ -465,6 +466,7 @@ def solve_recurrence(
     if grad == "unrolled":
         res = run(fc, m, source, X, h0_flat, H0, max_iter=cap, fixed_iterations=True, **loop_kw)
         info.iterations, info.residuals = res.iterations, res.residuals
+        info.linear_solves = res.iterations
         info.residual = res.residuals[-1]
         info.converged = info.residual <= tol
         if _contract_broken(fc, X, shift(res.H.detach(), h0_flat.detach()), res.F.detach(),
@@ -476,18 +478,28 @@ def solve_recurrence(
         if m.structure != "dense" or chunk_T >= T:
             H = _solve(fc, m, source, X, h0_flat, H0.detach(), cap, on_failure, info, loop_kw)
         else:  # time chunks with the carried state, to bound the dense Jacobians' memory
-            parts, h_start = [], h0_flat
+            parts, h_start, per_chunk = [], h0_flat, []
             for s in range(0, T, chunk_T):
                 e = min(T, s + chunk_T)
+                before = info.iterations
                 Hc = _solve(fc, m, source, X[:, s:e], h_start, H0[:, s:e].detach(),
                             min(cap, e - s), on_failure, info, loop_kw, offset=s)
+                per_chunk.append(info.iterations - before)
                 parts.append(Hc)
                 h_start = Hc[:, -1]
                 info.time_chunks = len(parts)
             H = torch.cat(parts, dim=1)
+            # the chunks run one after another: a time step went through its chunk's
+            # iterations only (the total is info.linear_solves)
+            info.linear_solves, info.iterations = info.iterations, max(per_chunk)
+    if info.linear_solves == 0:
+        info.linear_solves = info.iterations
     # one evaluation at the solution: the residual that is reported, and, for the implicit
     # gradient, the differentiable f whose backward receives the adjoint (see _Implicit)
-    F = evaluate(fc, X, shift(H.to(cell_dtype), h0_flat.to(cell_dtype)))
+    if source == "compiled" and not torch.is_grad_enabled():  # no graph needed: compiled f
+        F = _eval(fc, source, X, shift(H, h0_flat), cell_dtype)
+    else:
+        F = evaluate(fc, X, shift(H.to(cell_dtype), h0_flat.to(cell_dtype)))
     info.residual = float(residual_map(H, F.detach().to(work_dtype)).max())
     info.converged = info.residual <= tol
     if _contract_broken(fc, X, shift(H, h0_flat).detach(), F.detach(), cell_dtype, name,
