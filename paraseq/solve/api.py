@@ -54,7 +54,7 @@ DEFAULT_MAX_ITER = {"newton": 50, "damped_newton": 100, "quasi_newton": 200, "pi
 _RESTARTS = 3
 
 
-_CPU_PARALLEL_WORK = {"autograd": 256, "analytic": 2048, "diagonal": 4096}
+_CPU_PARALLEL_WORK = {"autograd": 256, "analytic": 2048, "diagonal": 4096, "probe": 4096}
 _CPU_TRAINING_FACTOR = 8
 
 
@@ -78,6 +78,11 @@ def choose_method(T: int, B: int, D: int, fc: FlatCell, device: torch.device,
       faster than the loop by Newton; B = 16, D = 8 is 4x slower. ``training_factor``
       replaces the 8 where the sequential path is a fused kernel whose backward costs only
       about twice its forward (paraseq.nn's torch.nn kernels: 2).
+    - A user's cell on a CPU (no analytic Jacobian) with T >= ``PROBE_MIN_T`` (512) and
+      B D^2 <= 4096, not training: the bound above is replaced by a measurement of the cell
+      and its Jacobian on this problem (``probe_method``), since cells differ too much in
+      cost for one bound (the seed essay's cell is 2x to 4x slower by Newton than by the loop
+      at B D^2 = 256 to 1024, a hand-written GRU 2x faster at 256; benchmarks/any_cell.py).
     - A cell with ``jacobian_is_diagonal = True`` gets ``"quasi_newton"``, which is exact Newton
       for it at O(B T D) per iteration, and one with ``forward_with_jacobian_blocks`` gets
       ``"newton"`` on its k x k blocks (O(B T D k^2)); on a CPU while B D <= 4096 (x8 when
@@ -102,6 +107,64 @@ def choose_method(T: int, B: int, D: int, fc: FlatCell, device: torch.device,
     if D == 1 or diag_only or (D > 64 and not fc.has_full):
         return "quasi_newton"
     return "newton"
+
+
+PROBE_MIN_T = 512
+"""``method="auto"`` times a user's cell (``probe_method``) from this length on."""
+PROBE_ITERATIONS = 4.0
+"""The parallel solve's cost in units of one linearisation and scan of all B T rows: about
+three Newton iterations and the evaluations around them (the issue-16 workloads converge in
+three; benchmarks/any_cell.py)."""
+PROBE_MARGIN = 0.8
+"""The parallel method is taken when its predicted time is under this fraction of the loop's."""
+
+
+def probe_method(fc: FlatCell, X: Tensor, h0: Tensor, cell_dtype: torch.dtype,
+                 jacobian: str = "auto") -> str:
+    """The rule of ``method="auto"`` for a user's cell on a CPU (no analytic Jacobian, not
+    training, T >= ``PROBE_MIN_T``, B D^2 <= 4096): measured, not guessed. The cost of a cell
+    and of its torch.func Jacobian differ by orders of magnitude between cells (the seed
+    essay's tanh(A h + u) is one matmul; a hand-written GRU is a dozen ops), so one bound on
+    B D^2 (``choose_method``) cannot hold for all. The probe times one step of the loop (the
+    cell on the B rows, best of 5) and one linearisation plus scan on a prefix of k steps
+    (B k >= 2048 rows, best of 2 after a warm-up), and predicts the loop at T steps and the
+    parallel solve at ``PROBE_ITERATIONS`` such passes over T / k prefixes; ``"newton"``
+    (``"quasi_newton"`` for D = 1) when that is under ``PROBE_MARGIN`` of the loop, else
+    ``"sequential"``. It costs a few milliseconds, and its pick can differ between calls
+    near the break-even point, where the two are equally fast; the results are the same to
+    the tolerance either way."""
+    import time
+
+    from .iterate import _lin_rhs, newton_step
+
+    B, T, _ = X.shape
+    D = h0.shape[-1]
+    name = "quasi_newton" if D == 1 else "newton"
+    m = METHODS[name]
+    source = resolve_jacobian(m, "compiled" if jacobian == "compiled" else "autograd", fc)
+    k = min(T, max(64, -(-2048 // B)))
+    Xk = X[:, :k]
+
+    def best(fn, repeats: int) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.no_grad():
+        Hp = h0.unsqueeze(1).expand(B, k, D).contiguous()  # (B, k, D)
+        x0, hc = X[:, 0], h0.to(cell_dtype)
+
+        def parallel() -> None:
+            F, A, b = _lin_rhs(fc, m, source, Xk, Hp, cell_dtype, 8, None)
+            newton_step(m, F, A, Hp, h0, b)
+
+        parallel()  # warm-up: torch.func's first trace (or the compilation)
+        t_par = best(parallel, 2)
+        t_step = best(lambda: fc(x0, hc), 5)
+    return name if PROBE_ITERATIONS * t_par * T / k <= PROBE_MARGIN * t_step * T else "sequential"
 
 
 def _cell_state_sizes(cell: Callable) -> int | tuple[int, ...] | None:
@@ -318,7 +381,12 @@ def solve_recurrence(
             default by dtype (``DEFAULT_TOL``: 1e-10 float64, 1e-5 float32).
         max_iter: cap on linear solves (default ``DEFAULT_MAX_ITER``, at most T).
         jacobian: ``"auto"`` (analytic if the cell provides it, else autograd), ``"analytic"``,
-            ``"autograd"`` (exact, by torch.func: D vector-Jacobian products per row), or
+            ``"autograd"`` (exact, by torch.func's forward mode over the rows, vmap(jacfwd);
+            a cell torch.func cannot trace gets D vector-Jacobian products per row),
+            ``"compiled"`` (the same Jacobian, with f and the scan's right-hand side, in one
+            torch.compile'd function per cell and shapes, ``paraseq.solve.jit``: several
+            times faster per iteration, at a first call that compiles for seconds; where
+            torch.compile fails, a warning and the eager path), or
             ``"hutchinson"`` (quasi_newton only: a stochastic estimate of the diagonal from
             ``hutchinson_samples`` Rademacher probes, drawn from ``generator``).
         init: an initial trajectory (..., T, D) (a warm start, e.g. last step's solution);
@@ -401,6 +469,10 @@ def solve_recurrence(
             inputs.requires_grad or any(p.requires_grad for p in _state_parts(h0, layout))
             or any(p.requires_grad for p in getattr(cell, "parameters", lambda: ())()))
         name = choose_method(T, B, D, fc, inputs.device, training)
+        if (not training and inputs.device.type == "cpu" and T >= PROBE_MIN_T and B * D > 0
+                and not (fc.has_full or fc.has_diag or fc.has_blocks or fc.diag_exact)
+                and B * D * D <= _CPU_PARALLEL_WORK["probe"]):
+            name = probe_method(fc, X, h0_flat, cell_dtype, jacobian)
     else:
         name = method
     m = METHODS[name]

@@ -111,8 +111,12 @@ def call(fc: FlatCell, kind: str, x: Tensor, h: Tensor):
         return None
     first = fn is None
     if first:
-        if not fc.checked:  # the output checks and the in-place test, eagerly on two rows
-            fc(x[:2], h[:2])
+        if fc.func_ok is None:  # torch.func traces the cell, rows independent (eagerly)
+            with torch.no_grad():
+                fc.func_full(x[:8], h[:8])
+            if fc.func_ok is False:
+                per_cell[key] = _FAILED
+                return None
         tag = f"{len(first_call_seconds)}_{kind}"
         fn = per_cell[key] = _build(fc, kind, h.shape[-1], tag)
     torch._dynamo.maybe_mark_dynamic(x, 0)
