@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -78,7 +79,7 @@ def choose_method(T: int, B: int, D: int, fc: FlatCell, device: torch.device,
       faster than the loop by Newton; B = 16, D = 8 is 4x slower. ``training_factor``
       replaces the 8 where the sequential path is a fused kernel whose backward costs only
       about twice its forward (paraseq.nn's torch.nn kernels: 2).
-    - A user's cell on a CPU (no analytic Jacobian) with T >= ``PROBE_MIN_T`` (512) and
+    - A user's cell on a CPU (no analytic Jacobian) with T >= ``PROBE_MIN_T`` (1024) and
       B D^2 <= 4096, not training: the bound above is replaced by a measurement of the cell
       and its Jacobian on this problem (``probe_method``), since cells differ too much in
       cost for one bound (the seed essay's cell is 2x to 4x slower by Newton than by the loop
@@ -109,7 +110,7 @@ def choose_method(T: int, B: int, D: int, fc: FlatCell, device: torch.device,
     return "newton"
 
 
-PROBE_MIN_T = 512
+PROBE_MIN_T = 1024
 """``method="auto"`` times a user's cell (``probe_method``) from this length on."""
 PROBE_ITERATIONS = 4.0
 """The parallel solve's cost in units of one linearisation and scan of all B T rows: about
@@ -126,23 +127,45 @@ def probe_method(fc: FlatCell, X: Tensor, h0: Tensor, cell_dtype: torch.dtype,
     and of its torch.func Jacobian differ by orders of magnitude between cells (the seed
     essay's tanh(A h + u) is one matmul; a hand-written GRU is a dozen ops), so one bound on
     B D^2 (``choose_method``) cannot hold for all. The probe times one step of the loop (the
-    cell on the B rows, best of 5) and one linearisation plus scan on a prefix of k steps
-    (B k >= 2048 rows, best of 2 after a warm-up), and predicts the loop at T steps and the
-    parallel solve at ``PROBE_ITERATIONS`` such passes over T / k prefixes; ``"newton"``
+    cell on the B rows, best of 3) and one linearisation plus scan on a prefix of k steps
+    (B k >= 1024 rows, after a warm-up), and predicts the loop at T steps and the
+    parallel solve at ``PROBE_ITERATIONS`` such passes over T / k prefixes (measured once per
+    cell and (B, D, n, dtype, device), then reused for every length); ``"newton"``
     (``"quasi_newton"`` for D = 1) when that is under ``PROBE_MARGIN`` of the loop, else
     ``"sequential"``. It costs a few milliseconds, and its pick can differ between calls
     near the break-even point, where the two are equally fast; the results are the same to
     the tolerance either way."""
+    B, n = X.shape[0], X.shape[-1]
+    D = h0.shape[-1]
+    name = "quasi_newton" if D == 1 else "newton"
+    m = METHODS[name]
+    source = resolve_jacobian(m, "compiled" if jacobian == "compiled" else "autograd", fc)
+    key = (B, D, n, X.dtype, X.device, source)
+    try:
+        known = _PROBED.setdefault(fc.cell, {})
+    except TypeError:  # a cell that cannot be weakly referenced: probed every time
+        known = {}
+    if key not in known:
+        known[key] = _probe_costs(fc, m, source, X, h0, cell_dtype)
+    per_step_parallel, per_step_loop = known[key]
+    return name if PROBE_ITERATIONS * per_step_parallel <= PROBE_MARGIN * per_step_loop \
+        else "sequential"
+
+
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""``probe_method``'s measurements, per cell and (B, D, n, dtype, device, Jacobian source):
+seconds per time step of one linearisation and scan, and of the loop."""
+
+
+def _probe_costs(fc: FlatCell, m: Method, source: str | None, X: Tensor, h0: Tensor,
+                 cell_dtype: torch.dtype) -> tuple[float, float]:
     import time
 
     from .iterate import _lin_rhs, newton_step
 
     B, T, _ = X.shape
     D = h0.shape[-1]
-    name = "quasi_newton" if D == 1 else "newton"
-    m = METHODS[name]
-    source = resolve_jacobian(m, "compiled" if jacobian == "compiled" else "autograd", fc)
-    k = min(T, max(64, -(-2048 // B)))
+    k = min(T, max(32, -(-1024 // B)))
     Xk = X[:, :k]
 
     def best(fn, repeats: int) -> float:
@@ -162,9 +185,9 @@ def probe_method(fc: FlatCell, X: Tensor, h0: Tensor, cell_dtype: torch.dtype,
             newton_step(m, F, A, Hp, h0, b)
 
         parallel()  # warm-up: torch.func's first trace (or the compilation)
-        t_par = best(parallel, 2)
-        t_step = best(lambda: fc(x0, hc), 5)
-    return name if PROBE_ITERATIONS * t_par * T / k <= PROBE_MARGIN * t_step * T else "sequential"
+        t_par = best(parallel, 1)
+        t_step = best(lambda: fc(x0, hc), 3)
+    return t_par / k, t_step
 
 
 def _cell_state_sizes(cell: Callable) -> int | tuple[int, ...] | None:
