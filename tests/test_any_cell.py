@@ -27,6 +27,12 @@ from paraseq.solve.methods import METHODS
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _forward_mode_on_small_problems(monkeypatch):
+    """The tests' problems are small: torch.func's path is taken at every size here."""
+    monkeypatch.setattr("paraseq.solve.cell.FUNC_MIN_WORK", 0)
+
+
 class HandGRU(torch.nn.Module):
     """torch.nn.GRUCell's equations by hand."""
 
