@@ -126,9 +126,9 @@ def probe_method(fc: FlatCell, X: Tensor, h0: Tensor, cell_dtype: torch.dtype,
     training, T >= ``PROBE_MIN_T``, B D^2 <= 4096): measured, not guessed. The cost of a cell
     and of its torch.func Jacobian differ by orders of magnitude between cells (the seed
     essay's tanh(A h + u) is one matmul; a hand-written GRU is a dozen ops), so one bound on
-    B D^2 (``choose_method``) cannot hold for all. The probe times one step of the loop (the
-    cell on the B rows, best of 3) and one linearisation plus scan on a prefix of k steps
-    (B k >= 1024 rows, after a warm-up), and predicts the loop at T steps and the
+    B D^2 (``choose_method``) cannot hold for all. The probe times the loop on 64 steps (best
+    of 2) and one linearisation plus scan on a prefix of k steps (B k >= 1024 rows, best of
+    2 after a warm-up), and predicts the loop at T steps and the
     parallel solve at ``PROBE_ITERATIONS`` such passes over T / k prefixes (measured once per
     cell and (B, D, n, dtype, device), then reused for every length); ``"newton"``
     (``"quasi_newton"`` for D = 1) when that is under ``PROBE_MARGIN`` of the loop, else
@@ -184,16 +184,16 @@ def _probe_costs(fc: FlatCell, m: Method, source: str | None, X: Tensor, h0: Ten
 
     with torch.no_grad():
         Hp = h0.unsqueeze(1).expand(B, k, D).contiguous()  # (B, k, D)
-        x0, hc = X[:, 0], h0.to(cell_dtype)
 
         def parallel() -> None:
             F, A, b = _lin_rhs(fc, m, source, Xk, Hp, cell_dtype, 8, None)
             newton_step(m, F, A, Hp, h0, b)
 
         parallel()  # warm-up: torch.func's first trace (or the compilation)
-        t_par = best(parallel, 1)
-        t_step = best(lambda: fc(x0, hc), 3)
-    return t_par / k, t_step
+        t_par = best(parallel, 2)
+        steps = min(T, 64)  # the loop itself (slicing, the cell, the stack), some steps
+        t_loop = best(lambda: sequential(fc, X[:, :steps], h0, cell_dtype), 2)
+    return t_par / k, t_loop / steps
 
 
 def _cell_state_sizes(cell: Callable) -> int | tuple[int, ...] | None:
