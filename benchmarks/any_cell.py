@@ -57,7 +57,7 @@ from paraseq.bench import cpu_name, format_table
 from paraseq.solve import jit
 
 WORKLOADS = [(8, 1, 100_000), (8, 16, 10_000), (1, 16, 100_000), (32, 16, 10_000)]
-QUICK = [(8, 1, 2_000), (8, 4, 500)]
+QUICK = [(8, 1, 1_200), (4, 4, 300)]
 CELLS = ("gru", "mlp", "lstm", "essay")
 
 
