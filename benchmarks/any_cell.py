@@ -310,7 +310,9 @@ def table_row(r: dict) -> list[str]:
 
     deer = with_its("deer") if "deer" in r else r.get("deer_label", "-")
     errs = [r[k] for k in r if k.endswith("_err")]
-    return [r["cell"], f"{r['D']}, {r['B']}, {r['T']:.0e}".replace("+0", ""), ms(r["loop"]),
+    T = r["T"]
+    t_text = f"{T:.0e}".replace("+0", "") if T == 10 ** round(math.log10(T)) else str(T)
+    return [r["cell"], f"{r['D']}, {r['B']}, {t_text}", ms(r["loop"]),
             ms(r.get("compiled_loop")), with_its("newton"), with_its("newton_c"),
             f"{r['newton_c_first']:.1f}" if "newton_c_first" in r else "-",
             with_its("quasi_c"),
