@@ -79,7 +79,7 @@ def choose_method(T: int, B: int, D: int, fc: FlatCell, device: torch.device,
       faster than the loop by Newton; B = 16, D = 8 is 4x slower. ``training_factor``
       replaces the 8 where the sequential path is a fused kernel whose backward costs only
       about twice its forward (paraseq.nn's torch.nn kernels: 2).
-    - A user's cell on a CPU (no analytic Jacobian) with T >= ``PROBE_MIN_T`` (1024) and
+    - A user's cell on a CPU (no analytic Jacobian) with T >= ``PROBE_MIN_T`` (2048) and
       B D^2 <= 4096, not training: the bound above is replaced by a measurement of the cell
       and its Jacobian on this problem (``probe_method``), since cells differ too much in
       cost for one bound (the seed essay's cell is 2x to 4x slower by Newton than by the loop
@@ -110,7 +110,7 @@ def choose_method(T: int, B: int, D: int, fc: FlatCell, device: torch.device,
     return "newton"
 
 
-PROBE_MIN_T = 1024
+PROBE_MIN_T = 2048
 """``method="auto"`` times a user's cell (``probe_method``) from this length on."""
 PROBE_ITERATIONS = 4.0
 """The parallel solve's cost in units of one linearisation and scan of all B T rows: about
