@@ -36,6 +36,11 @@ class SolveInfo:
     jacobian: str | None = None
     tol: float = math.nan
     time_chunks: int = 1
+    linear_solves: int = 0
+    """Every linear solve (scan) made, over all time chunks and restarts. ``iterations`` is
+    the most that any one time step went through: for a solve split into time chunks (see
+    ``paraseq.solve.api.DENSE_MEMORY_LIMIT``), the iterations of the chunk that needed most,
+    since the chunks are solved one after another, each from the end of the one before."""
     residuals: list[float] = field(default_factory=list)
     lle: float | None = None
     """The largest Lyapunov exponent that ``method="auto"`` estimated on a prefix before

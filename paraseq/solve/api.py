@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -20,6 +21,7 @@ from ..scan import linear_scan
 from .cell import FlatCell, State, StateLayout
 from .iterate import (
     LoopResult,
+    _eval,
     block_scan,
     evaluate,
     first_failure,
@@ -53,7 +55,7 @@ DEFAULT_MAX_ITER = {"newton": 50, "damped_newton": 100, "quasi_newton": 200, "pi
 _RESTARTS = 3
 
 
-_CPU_PARALLEL_WORK = {"autograd": 256, "analytic": 2048, "diagonal": 4096}
+_CPU_PARALLEL_WORK = {"autograd": 256, "analytic": 2048, "diagonal": 4096, "probe": 4096}
 _CPU_TRAINING_FACTOR = 8
 
 
@@ -77,6 +79,11 @@ def choose_method(T: int, B: int, D: int, fc: FlatCell, device: torch.device,
       faster than the loop by Newton; B = 16, D = 8 is 4x slower. ``training_factor``
       replaces the 8 where the sequential path is a fused kernel whose backward costs only
       about twice its forward (paraseq.nn's torch.nn kernels: 2).
+    - A user's cell on a CPU (no analytic Jacobian) with T >= ``PROBE_MIN_T`` (2048) and
+      B D^2 <= 4096, not training: the bound above is replaced by a measurement of the cell
+      and its Jacobian on this problem (``probe_method``), since cells differ too much in
+      cost for one bound (the seed essay's cell is 2x to 4x slower by Newton than by the loop
+      at B D^2 = 256 to 1024, a hand-written GRU 2x faster at 256; benchmarks/any_cell.py).
     - A cell with ``jacobian_is_diagonal = True`` gets ``"quasi_newton"``, which is exact Newton
       for it at O(B T D) per iteration, and one with ``forward_with_jacobian_blocks`` gets
       ``"newton"`` on its k x k blocks (O(B T D k^2)); on a CPU while B D <= 4096 (x8 when
@@ -101,6 +108,92 @@ def choose_method(T: int, B: int, D: int, fc: FlatCell, device: torch.device,
     if D == 1 or diag_only or (D > 64 and not fc.has_full):
         return "quasi_newton"
     return "newton"
+
+
+PROBE_MIN_T = 2048
+"""``method="auto"`` times a user's cell (``probe_method``) from this length on."""
+PROBE_ITERATIONS = 4.0
+"""The parallel solve's cost in units of one linearisation and scan of all B T rows: about
+three Newton iterations and the evaluations around them (the issue-16 workloads converge in
+three; benchmarks/any_cell.py)."""
+PROBE_MARGIN = 0.8
+"""The parallel method is taken when its predicted time is under this fraction of the loop's."""
+
+
+def probe_method(fc: FlatCell, X: Tensor, h0: Tensor, cell_dtype: torch.dtype,
+                 jacobian: str = "auto") -> str:
+    """The rule of ``method="auto"`` for a user's cell on a CPU (no analytic Jacobian, not
+    training, T >= ``PROBE_MIN_T``, B D^2 <= 4096): measured, not guessed. The cost of a cell
+    and of its torch.func Jacobian differ by orders of magnitude between cells (the seed
+    essay's tanh(A h + u) is one matmul; a hand-written GRU is a dozen ops), so one bound on
+    B D^2 (``choose_method``) cannot hold for all. The probe times the loop on 64 steps (best
+    of 2) and one linearisation plus scan on a prefix of k steps (B k >= 1024 rows, best of
+    2 after a warm-up), and predicts the loop at T steps and the
+    parallel solve at ``PROBE_ITERATIONS`` such passes over T / k prefixes (measured once per
+    cell and (B, D, n, dtype, device), then reused for every length); ``"newton"``
+    (``"quasi_newton"`` for D = 1) when that is under ``PROBE_MARGIN`` of the loop, else
+    ``"sequential"``. It costs a few milliseconds, and its pick can differ between calls
+    near the break-even point, where the two are equally fast; the results are the same to
+    the tolerance either way."""
+    B, n = X.shape[0], X.shape[-1]
+    D = h0.shape[-1]
+    name = "quasi_newton" if D == 1 else "newton"
+    m = METHODS[name]
+    source = resolve_jacobian(m, "compiled" if jacobian == "compiled" else "autograd", fc)
+    key = (B, D, n, X.dtype, X.device, source)
+    try:
+        known = _PROBED.setdefault(fc.cell, {})
+    except TypeError:  # a cell that cannot be weakly referenced: probed every time
+        known = {}
+    if key not in known:
+        saved = fc.func_min_work  # the Jacobians the whole solve would take, on the prefix
+        if X.shape[0] * X.shape[1] * D * D >= saved:
+            fc.func_min_work = 0
+        try:
+            known[key] = _probe_costs(fc, m, source, X, h0, cell_dtype)
+        finally:
+            fc.func_min_work = saved
+    per_step_parallel, per_step_loop = known[key]
+    return name if PROBE_ITERATIONS * per_step_parallel <= PROBE_MARGIN * per_step_loop \
+        else "sequential"
+
+
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""``probe_method``'s measurements, per cell and (B, D, n, dtype, device, Jacobian source):
+seconds per time step of one linearisation and scan, and of the loop."""
+
+
+def _probe_costs(fc: FlatCell, m: Method, source: str | None, X: Tensor, h0: Tensor,
+                 cell_dtype: torch.dtype) -> tuple[float, float]:
+    import time
+
+    from .iterate import _lin_rhs, newton_step
+
+    B, T, _ = X.shape
+    D = h0.shape[-1]
+    k = min(T, max(32, -(-1024 // B)))
+    Xk = X[:, :k]
+
+    def best(fn, repeats: int) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.no_grad():
+        Hp = h0.unsqueeze(1).expand(B, k, D).contiguous()  # (B, k, D)
+
+        def parallel() -> None:
+            F, A, b = _lin_rhs(fc, m, source, Xk, Hp, cell_dtype, 8, None)
+            newton_step(m, F, A, Hp, h0, b)
+
+        parallel()  # warm-up: torch.func's first trace (or the compilation)
+        t_par = best(parallel, 2)
+        steps = min(T, 64)  # the loop itself (slicing, the cell, the stack), some steps
+        t_loop = best(lambda: sequential(fc, X[:, :steps], h0, cell_dtype), 2)
+    return t_par / k, t_loop / steps
 
 
 def _cell_state_sizes(cell: Callable) -> int | tuple[int, ...] | None:
@@ -410,7 +503,12 @@ def solve_recurrence(
             that per-step residual exactly.
         max_iter: cap on linear solves (default ``DEFAULT_MAX_ITER``, at most T).
         jacobian: ``"auto"`` (analytic if the cell provides it, else autograd), ``"analytic"``,
-            ``"autograd"`` (exact, by torch.func: D vector-Jacobian products per row), or
+            ``"autograd"`` (exact, by torch.func's forward mode over the rows, vmap(jacfwd);
+            a cell torch.func cannot trace gets D vector-Jacobian products per row),
+            ``"compiled"`` (the same Jacobian, with f and the scan's right-hand side, in one
+            torch.compile'd function per cell and shapes, ``paraseq.solve.jit``: several
+            times faster per iteration, at a first call that compiles for seconds; where
+            torch.compile fails, a warning and the eager path), or
             ``"hutchinson"`` (quasi_newton only: a stochastic estimate of the diagonal from
             ``hutchinson_samples`` Rademacher probes, drawn from ``generator``).
         init: an initial trajectory (..., T, D) (a warm start, e.g. last step's solution);
@@ -501,6 +599,10 @@ def solve_recurrence(
             inputs.requires_grad or any(p.requires_grad for p in _state_parts(h0, layout))
             or any(p.requires_grad for p in getattr(cell, "parameters", lambda: ())()))
         name = choose_method(T, B, D, fc, inputs.device, training)
+        if (not training and inputs.device.type == "cpu" and T >= PROBE_MIN_T and B * D > 0
+                and not (fc.has_full or fc.has_diag or fc.has_blocks or fc.diag_exact)
+                and B * D * D <= _CPU_PARALLEL_WORK["probe"]):
+            name = probe_method(fc, X, h0_flat, cell_dtype, jacobian)
     else:
         name = method
     m = METHODS[name]
@@ -569,6 +671,7 @@ def solve_recurrence(
     if grad == "unrolled":
         res = run(fc, m, source, X, h0_flat, H0, max_iter=cap, fixed_iterations=True, **loop_kw)
         info.iterations, info.residuals = res.iterations, res.residuals
+        info.linear_solves = res.iterations
         info.residual = res.residuals[-1]
         info.converged = info.residual <= tol
         if _contract_broken(fc, X, shift(res.H.detach(), h0_flat.detach()), res.F.detach(),
@@ -580,22 +683,32 @@ def solve_recurrence(
         if m.structure != "dense" or chunk_T >= T:
             H = _solve(fc, m, source, X, h0_flat, H0.detach(), cap, on_failure, info, loop_kw)
         else:  # time chunks with the carried state, to bound the dense Jacobians' memory
-            parts, h_start = [], h0_flat
+            parts, h_start, per_chunk = [], h0_flat, []
             for s in range(0, T, chunk_T):
                 e = min(T, s + chunk_T)
+                before = info.iterations
                 Hc = _solve(fc, m, source, X[:, s:e], h_start, H0[:, s:e].detach(),
                             min(cap, e - s), on_failure, info, loop_kw, offset=s)
+                per_chunk.append(info.iterations - before)
                 parts.append(Hc)
                 h_start = Hc[:, -1]
                 info.time_chunks = len(parts)
             H = torch.cat(parts, dim=1)
+            # the chunks run one after another: a time step went through its chunk's
+            # iterations only (the total is info.linear_solves)
+            info.linear_solves, info.iterations = info.iterations, max(per_chunk)
+    if info.linear_solves == 0:
+        info.linear_solves = info.iterations
     if polish and on_failure != "warn" and (D <= POLISH_MAX_D or fc.diag_exact
                                             or fc.has_blocks):
         with torch.no_grad():
             H = _polish(fc, X, H, h0_flat, cell_dtype, adjoint_chunk_T)
     # one evaluation at the solution: the residual that is reported, and, for the implicit
     # gradient, the differentiable f whose backward receives the adjoint (see _Implicit)
-    F = evaluate(fc, X, shift(H.to(cell_dtype), h0_flat.to(cell_dtype)))
+    if source == "compiled" and not torch.is_grad_enabled():  # no graph needed: compiled f
+        F = _eval(fc, source, X, shift(H, h0_flat), cell_dtype)
+    else:
+        F = evaluate(fc, X, shift(H.to(cell_dtype), h0_flat.to(cell_dtype)))
     info.residual = float(residual_map(H, F.detach().to(work_dtype)).max())
     info.converged = info.residual <= tol
     if _contract_broken(fc, X, shift(H, h0_flat).detach(), F.detach(), cell_dtype, name,

@@ -44,6 +44,13 @@ from torch import Tensor
 
 State = Tensor | tuple[Tensor, ...]
 
+FUNC_CHUNK = 1 << 22
+"""Scalars (rows x D x (D + n)) per chunk of ``FlatCell.func_full``'s rows."""
+FUNC_MIN_WORK = 1 << 19
+"""``autograd_full`` takes torch.func's forward mode from N D^2 >= this on: below, the VJP
+path's lower fixed cost per call wins (measured with the seed essay's cell in float64: a
+2 x 500 x 4 solve 1.7x slower by torch.func, 4 x 2000 x 8 even, 16 x 1000 x 8 2x faster)."""
+
 
 @dataclass(frozen=True)
 class StateLayout:
@@ -133,6 +140,8 @@ class FlatCell:
         self.has_diag = callable(getattr(cell, "forward_with_jacobian_diagonal", None))
         self.diag_exact = getattr(cell, "jacobian_is_diagonal", False) is True
         self.has_blocks = callable(getattr(cell, "forward_with_jacobian_blocks", None))
+        self.func_ok: bool | None = None  # torch.func traces the cell (None: not tried yet)
+        self.func_min_work = FUNC_MIN_WORK
 
     def __call__(self, x: Tensor, h: Tensor) -> Tensor:  # (N, n), (N, D) -> (N, D)
         versions = _versions(x, h)
@@ -213,8 +222,75 @@ class FlatCell:
                     out = fr[:N] if differentiable else fr[:N].detach()
         return out, torch.cat(rows) if len(rows) > 1 else rows[0]
 
-    def autograd_full(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    def row(self, x: Tensor, h: Tensor) -> Tensor:
+        """f on one row, x (n,), h (D,) -> (D,): the cell called on a batch of one, for
+        torch.func's transforms (vmap over the rows)."""
+        out = self.cell(x.unsqueeze(0), self.layout.unflatten(h.unsqueeze(0)))
+        return self.layout.flatten(tuple(out) if self.layout.is_tuple else out).squeeze(0)
+
+    def func_full(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor] | None:
+        """f and J (N, D, D) by forward-mode torch.func: ``vmap(jacfwd(row))`` over the rows,
+        in row chunks that keep the intermediates near ``FUNC_CHUNK`` scalars. None where
+        torch.func cannot trace the cell (in-place ops, data-dependent control flow, random
+        ops, ...): the caller then takes the VJP path, which also gives those cells' errors.
+
+        Forward mode suits a cell whose state enters through linear layers: the tangents of
+        h @ W^T for the D basis vectors are W's columns, the same for every row, so the work
+        per row is the elementwise chain rule, about what an analytic Jacobian costs."""
+        if self.func_ok is False:
+            return None
+        if not self.checked:  # the output checks and the in-place test, on two rows
+            self(x[:2], h[:2])
         N, D = h.shape
+        step = max(1, FUNC_CHUNK // max(1, D * (D + x.shape[-1])))
+
+        def with_aux(xr: Tensor, hr: Tensor) -> tuple[Tensor, Tensor]:
+            out = self.row(xr, hr)
+            return out, out
+
+        jac = torch.func.vmap(torch.func.jacfwd(with_aux, argnums=1, has_aux=True))
+        Fs, Js = [], []
+        try:
+            for s in range(0, N, step):
+                with torch.no_grad():
+                    J, F = jac(x[s:s + step], h[s:s + step])
+                Fs.append(F)
+                Js.append(J)
+        except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError,
+                IndexError):
+            self.func_ok = False
+            return None
+        if self.func_ok is None:  # once: rows evaluated one by one equal the batched call?
+            # a cell that mixes rows (batch statistics) differs: its Jacobian is not
+            # torch.func's per-row one, and the VJP path (and the contract probe) take it
+            rows = min(N, step)
+            with torch.no_grad():
+                whole = self(x[:rows], h[:rows])
+            tol = max(torch.finfo(whole.dtype).eps ** 0.5, 1e-12)
+            close = ((Fs[0] - whole).abs() <= tol * (1 + whole.abs())) | (
+                Fs[0].isnan() & whole.isnan())
+            if not bool(close.all()):
+                self.func_ok = False
+                return None
+        self.func_ok = True
+        if len(Fs) == 1:
+            return Fs[0], Js[0]
+        return torch.cat(Fs), torch.cat(Js)
+
+    def autograd_full(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """f and J (N, D, D) by automatic differentiation: torch.func's forward mode where it
+        serves (``func_full``: no graph kept, the cell traceable), else D vector-Jacobian
+        products by plain autograd (a graph kept under grad="unrolled")."""
+        N, D = h.shape
+        if N * D * D >= max(1, self.func_min_work) and not (
+                torch.is_grad_enabled() and not torch.is_inference_mode_enabled()):
+            if torch.is_inference_mode_enabled():  # torch.func needs normal tensors
+                with torch.inference_mode(False):
+                    res = self.func_full(x.clone(), h.clone())
+            else:
+                res = self.func_full(x, h)
+            if res is not None:
+                return res
         basis = torch.eye(D, dtype=h.dtype, device=h.device).unsqueeze(1).expand(D, N, D)
         out, rows = self._vjp_rows(x, h, basis)  # rows[i, n, :] = J[n, i, :]
         return out, rows.permute(1, 0, 2)  # (N, D, D)

@@ -39,7 +39,7 @@ METHODS: dict[str, Method] = {
 }
 """Every method by name; ``"auto"`` picks one (see ``choose_method``)."""
 
-JACOBIANS = ("auto", "analytic", "autograd", "hutchinson")
+JACOBIANS = ("auto", "analytic", "autograd", "compiled", "hutchinson")
 
 
 def resolve_jacobian(method: Method, jacobian: str, fc: FlatCell) -> str | None:
@@ -68,14 +68,46 @@ def linearise(fc: FlatCell, method: Method, source: str | None, x: Tensor, h: Te
     """f(x, h) on all rows and the method's A: (N, D, D), (N, D), or None (identity / zero).
     A dense method gets the diagonal blocks (N, G, k, k) instead when the cell provides them
     (``forward_with_jacobian_blocks``): the same matrix, stored compactly."""
+    return linearise_rhs(fc, method, source, x, h, samples=samples, generator=generator)[:2]
+
+
+def linearise_rhs(fc: FlatCell, method: Method, source: str | None, x: Tensor, h: Tensor, *,
+                  samples: int = 8, generator: torch.Generator | None = None
+                  ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``linearise``, plus the scan's right-hand side f - A h (N, D) where the compiled
+    Jacobian computed it in the same pass (else None: the caller forms it)."""
+    if source == "compiled" and method.structure in ("dense", "diagonal") and not (
+            torch.is_grad_enabled() and not torch.is_inference_mode_enabled()):
+        from . import jit  # (a graph to keep, grad="unrolled": autograd's path below)
+
+        res = jit.call(fc, "lin", x, h)
+        if res is not None:
+            F, J, b = res
+            if method.structure == "dense":
+                return F, J, b
+            d = torch.diagonal(J, dim1=-2, dim2=-1)
+            return F, d, None
+        source = "autograd"
     if method.structure == "dense":
         res = fc.analytic_blocks(x, h) if source == "analytic" else None
         if res is None and source == "analytic":
             res = fc.analytic_full(x, h)
-        return res if res is not None else fc.autograd_full(x, h)
+        return (*(res if res is not None else fc.autograd_full(x, h)), None)
     if method.structure == "diagonal":
         if source == "hutchinson":
-            return fc.hutchinson_diag(x, h, samples, generator)
+            return (*fc.hutchinson_diag(x, h, samples, generator), None)
         res = fc.analytic_diag(x, h) if source == "analytic" else None
-        return res if res is not None else fc.autograd_diag(x, h)
-    return fc(x, h), None
+        return (*(res if res is not None else fc.autograd_diag(x, h)), None)
+    return fc(x, h), None, None
+
+
+def evaluate_rows(fc: FlatCell, source: str | None, x: Tensor, h: Tensor) -> Tensor:
+    """f(x, h) on all rows (N, D): compiled with the Jacobian's source "compiled"."""
+    if source == "compiled" and not (torch.is_grad_enabled()
+                                     and not torch.is_inference_mode_enabled()):
+        from . import jit
+
+        F = jit.call(fc, "f", x, h)
+        if F is not None:
+            return F
+    return fc(x, h)
