@@ -327,3 +327,34 @@ def test_published_accuracies_are_read_offline(monkeypatch):
     assert train.published("JapaneseVowels") == []
     assert "none ship offline" in describe("JapaneseVowels")
     assert "HC2 " in describe("OSULeaf") and "quoted" in describe("OSULeaf")
+
+
+def test_drift_into_chaos_shows_in_the_metrics_and_the_solver_copes():
+    """A GRU whose recurrent weights grew into chaos (weight_hh x 12, as training can drift,
+    ELK's observation): the metrics' LLE column reads positive, the solve reports its fallback,
+    and the states it returns are a true trajectory of the cell (each step the cell applied to
+    the previous state, to float32 rounding), never Newton's unconverged iterate. Against
+    torch.nn.GRU itself no comparison is possible here: on a chaotic cell two correct float32
+    loops part by O(1) within a few hundred steps (rounding grows like e^(LLE t))."""
+    from paraseq.train.loop import _lle
+    from paraseq.train.model import Classifier
+
+    torch.manual_seed(0)
+    T, N, H = 300, 4, 16
+    model = Classifier("gru", 1, H, 2, "newton", T)
+    with torch.no_grad():
+        model.body.weight_hh_l0.mul_(12.0)
+    x = torch.randn(N, T, 1)  # (N, T, C)
+    with torch.no_grad():
+        model(x, torch.full((N,), T))
+        iterations, fallbacks = model.solve_stats()
+        assert fallbacks >= 1 and iterations > 0
+        assert _lle(model, x[0], T, step=1) > 0
+        out, _ = model.body(x)  # (N, T, H): the states the classifier read
+    cell = torch.nn.GRUCell(1, H).double()
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, name).copy_(getattr(model.body, f"{name}_l0"))
+        prev = torch.cat([torch.zeros(N, 1, H), out[:, :-1]], dim=1).double()  # (N, T, H)
+        step = cell(x.double().reshape(N * T, 1), prev.reshape(N * T, H)).reshape(N, T, H)
+    assert float((step - out.double()).abs().max()) < 1e-5
