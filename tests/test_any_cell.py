@@ -253,7 +253,35 @@ def test_speculative_last_iteration_skips_the_jacobian(monkeypatch):
         want = loop(cell, x, h0)
     assert info.converged and (out - want).abs().max() <= 1e-8
     assert len(info.residuals) == info.iterations + 1
-    assert calls["jac"] == info.iterations  # the converged iterate's Jacobian never formed
+    # the converged iterate's Jacobian is never formed, and the last step reused the
+    # Jacobians one iterate old (a chord step: residuals 1.5e-4 -> 1.3e-8 -> 1.6e-12 here)
+    assert calls["jac"] == info.iterations - 1
+    assert info.residuals[-1] <= 1e-10
+
+
+def test_chord_rule():
+    newton = METHODS["newton"]
+    J = torch.zeros(1, 1, 2, 2)
+    # Newton predicts r_k ~ 1.5e-4 ** 3 / 0.035 ** 2 and a chord step r_k^2 / 1.5e-4: tiny
+    assert iterate._expect_chord([0.035, 1.5e-4], 1e-10, newton, J) is True
+    assert iterate._expect_chord([0.39, 0.035], 1e-10, newton, J) is False
+    assert iterate._expect_chord([0.035, 1.5e-4], 1e-10, newton, None) is False  # no J yet
+    assert iterate._expect_chord([0.035, 1.5e-4], 1e-10, METHODS["quasi_newton"], J) is False
+    assert iterate._expect_chord([0.035, math.nan], 1e-10, newton, J) is False
+    assert iterate._chord_converges([1.5e-4], 1.3e-8, 1e-10, J) is True
+    assert iterate._chord_converges([1.5e-4], 1e-6, 1e-10, J) is False
+    assert iterate._chord_converges([1.5e-4], 2e-4, 1e-10, J) is False  # not decreasing
+
+
+def test_chord_step_matches_newton_result():
+    """A solve that takes a chord step lands on the loop's trajectory as Newton does."""
+    cell = make("gru", 6)
+    x = torch.randn(3, 300, 6, dtype=F64)
+    h0 = torch.randn(3, 6, dtype=F64)
+    with torch.no_grad():
+        out, info = paraseq.solve_recurrence(cell, x, h0, method="newton", return_info=True)
+        want = loop(cell, x, h0)
+    assert info.converged and (out - want).abs().max() <= 1e-9
 
 
 def test_expect_converged_rule():
@@ -314,11 +342,14 @@ def test_jacobian_argument_is_checked():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["newton", "quasi_newton"])
-def test_compiled_path_matches_the_loop_and_gradients(method):
-    """The real torch.compile (seconds per compilation: one small cell, float64)."""
+def test_compiled_path_matches_the_loop_and_gradients(method, monkeypatch):
+    """The real torch.compile (seconds per compilation: one small cell, float64); the
+    gradient's adjoint takes the compiled Jacobians too, and the cell alone is timed against
+    the eager cell once (``CHOOSE_ROWS``, made small here)."""
     if not jit.available():
         pytest.skip("torch.compile unavailable")
     jit.clear()
+    monkeypatch.setattr(jit, "CHOOSE_ROWS", 64)
     cell = make("lstm", 2)
     x = torch.randn(2, 90, 2, dtype=F64, requires_grad=True)
     h0 = zero_state("lstm", 2, 2)
@@ -331,6 +362,8 @@ def test_compiled_path_matches_the_loop_and_gradients(method):
                                             jacobian="compiled")
     assert info.converged and info.jacobian == "compiled"
     assert len(jit.first_call_seconds) == 2
+    picks = [v for k, v in jit._CACHE[cell].items() if k[0] == "pick"]
+    assert picks and set(picks) <= {"compiled", "eager"}
     ref = loop(cell, x, h0)
     assert (flat(out) - ref).abs().max() <= 1e-8
     assert (flat(out2) - ref[:, :71]).abs().max() <= 1e-8

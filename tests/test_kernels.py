@@ -172,6 +172,30 @@ def test_strided_and_expanded_inputs(numba):
                    dtype=torch.complex128)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128, torch.float32])
+@pytest.mark.parametrize("batch", [(3,), (2, 3), ()])
+def test_transposed_dense_coefficients(numba, dtype, batch):
+    # A_t given as the transposed view of contiguous A_t^T (a Jacobian stored column by
+    # column) is read in place by the transposed kernel; broadcast and expanded batch dims too
+    T, D = 203, 6
+    a, b, x0 = make(batch, (2, 3), (3,), T, D, dense=True, dtype=dtype, seed=7)
+    at = a.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, A^T's storage
+    assert compiled._transposed(at) and not compiled._transposed(a)
+    for reverse in (False, True):
+        x = paraseq.linear_scan(at, b, x0, reverse=reverse, backend="numba", structure="dense")
+        assert_matches(x, a, b, x0, dense=True, reverse=reverse, dtype=dtype)
+    shared = at[..., :1, :, :, :].expand(*batch, T, D, D) if batch else at  # stride 0
+    x = paraseq.linear_scan(shared, b, x0, backend="numba", structure="dense")
+    assert_matches(x, shared.contiguous(), b, x0, dense=True, reverse=False, dtype=dtype)
+    g = torch.randn(T, D, D, dtype=torch.float64)[::2]  # strided in time: copied, still right
+    assert not compiled._transposed(g.transpose(-1, -2))
+    x = paraseq.linear_scan(g.transpose(-1, -2).to(dtype) * 0.3, b[..., ::2, :], None,
+                            backend="numba", structure="dense")
+    ref = paraseq.linear_scan(g.transpose(-1, -2).contiguous().to(dtype) * 0.3, b[..., ::2, :],
+                              None, backend="sequential", structure="dense")
+    torch.testing.assert_close(x, ref)
+
+
 def test_low_precision_is_computed_in_float32(numba):
     a, b, x0 = make((2,), (2,), (2,), 489, 8, dense=False, dtype=torch.float32, seed=1)
     for dtype in (torch.bfloat16, torch.float16):

@@ -462,7 +462,8 @@ def test_analytic_protocol_is_used_and_checked():
     h0 = torch.zeros(2, 5, dtype=F64)
     out, info = paraseq.solve_recurrence(cell, x, h0, method="newton", jacobian="analytic",
                                          return_info=True)
-    assert info.jacobian == "analytic" and Analytic.calls >= info.iterations
+    # every Jacobian formed is the protocol's (a last chord step may reuse the one before)
+    assert info.jacobian == "analytic" and Analytic.calls >= info.iterations - 1
     ref = loop(cell, x, h0)
     assert (out - ref).abs().max().item() <= 1e-10
     w = torch.randn_like(ref)

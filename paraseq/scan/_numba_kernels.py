@@ -324,6 +324,29 @@ def dense(a, b, x0, ia, ib, ix, out, reverse, flags, task, lo, hi):  # pragma: n
             prev = xt
 
 
+@njit(**_OPTS, fastmath=_DENSE_FLAGS)
+def dense_t(at, b, x0, ia, ib, ix, out, reverse, flags, task, lo, hi):  # pragma: no cover
+    """``dense`` with each A_t given transposed (``at[., t] = A_t^T``, e.g. a Jacobian stored
+    column by column): x_t = b_t + sum_j A_t[:, j] x_{t-1}[j], a contiguous axpy per j."""
+    if task != 0:
+        _store_release(flags, 0, task)
+    T, D = out.shape[1], out.shape[2]
+    for n in range(lo, hi):
+        na, nb = ia[n], ib[n]
+        prev = x0[ix[n]]
+        for s in range(T):
+            t = T - 1 - s if reverse else s
+            At, bt, xt = at[na, t], b[nb, t], out[n, t]
+            for i in range(D):
+                xt[i] = bt[i]
+            for j in range(D):
+                col = At[j]
+                pj = prev[j]
+                for i in range(D):
+                    xt[i] += col[i] * pj
+            prev = xt
+
+
 @njit(**_OPTS)
 def add(a, b, out, flags, task, lo, hi):  # pragma: no cover - compiled
     """out = a + b on flat arrays over [lo, hi): the memory-copy reference of the benchmarks

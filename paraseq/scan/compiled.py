@@ -330,6 +330,22 @@ def _compact(t: Tensor, n_lead: int) -> Tensor:
     return t.resolve_conj().resolve_neg().contiguous()
 
 
+def _transposed(a: Tensor) -> bool:
+    """Whether a (..., T, D, D) is a transposed view of contiguous storage (its last two dims
+    swapped, leading dims contiguous or expanded): the dense kernel then reads A_t^T as it is
+    stored (``dense_t``) instead of copying it into A_t's layout."""
+    D = a.shape[-1]
+    if D < 2 or a.is_contiguous() or a.stride(-2) != 1 or a.stride(-1) != D:
+        return False
+    expect = D * D
+    for i in range(a.dim() - 3, -1, -1):
+        if a.stride(i) != expect and not (a.stride(i) == 0 or a.shape[i] == 1):
+            return False
+        if a.stride(i) != 0:
+            expect *= a.shape[i]
+    return True
+
+
 def _broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...]:
     """The broadcast of shapes already known to broadcast (``linear_scan`` checked them);
     a few microseconds where torch.broadcast_shapes takes about 15."""
@@ -386,6 +402,9 @@ def numba_scan(
     N = math.prod(batch)
     if out.numel() == 0:
         return out
+    transposed = dense and _transposed(a)  # A_t^T stored contiguously: read it as such
+    if transposed:
+        a = a.transpose(-1, -2)
     a_np, ia = _rows(_compact(a.detach(), a_lead), a_lead, batch)  # (Na, T, D[, D])
     b_np, ib = _rows(_compact(b.detach(), b_lead), b_lead, batch)  # (Nb, T, D)
     if x0 is None:
@@ -397,7 +416,8 @@ def numba_scan(
     out_np = out.numpy().reshape(N, T, D)  # a view: the kernels write into out
     nt = 1 if out.numel() < SERIAL_ELEMENTS else max(1, torch.get_num_threads())
     if dense:
-        _parallel(kernels.dense, (a_np, b_np, x0_np, ia, ib, ix, out_np, reverse), N, nt)
+        kernel = kernels.dense_t if transposed else kernels.dense
+        _parallel(kernel, (a_np, b_np, x0_np, ia, ib, ix, out_np, reverse), N, nt)
         return out
     real = not b.dtype.is_complex
     kind, p, q = plan if plan is not None else diag_plan(N, T, D, nt, real)

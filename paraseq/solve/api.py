@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import _heap
 from ..result import ConvergenceError, SolveInfo
 from .cell import FlatCell, State, StateLayout
 from .implicit import (
@@ -392,10 +393,13 @@ def _compiled_kernels(cell, route: str, X: Tensor, h0: Tensor, layout: StateLayo
     return H, info
 
 
-def _default_init(fc: FlatCell, X: Tensor, D: int, cell_dtype: torch.dtype) -> Tensor:
-    """The default first guess, h_t = cell(x_t, 0) for every t (as ParaRNN): (B, T, D)."""
+def _default_init(fc: FlatCell, X: Tensor, D: int, cell_dtype: torch.dtype,
+                  source: str | None = None) -> Tensor:
+    """The default first guess, h_t = cell(x_t, 0) for every t (as ParaRNN): (B, T, D); by
+    the compiled cell where the solve's Jacobians are compiled."""
     B, T = X.shape[:2]
-    return evaluate(fc, X, torch.zeros(B, T, D, dtype=cell_dtype, device=X.device))
+    return _eval(fc, source, X, torch.zeros(B, T, D, dtype=cell_dtype, device=X.device),
+                 cell_dtype)
 
 
 def _work_dtype_and_tol(dtype: torch.dtype, tol: float | None) -> tuple[torch.dtype, float]:
@@ -664,7 +668,7 @@ def solve_recurrence(
         H0 = _as_batch_state(init, layout, batch, "init", inputs, time=T).to(work_dtype)
     else:
         with torch.no_grad():
-            H0 = _default_init(fc, X, D, cell_dtype).to(work_dtype)
+            H0 = _default_init(fc, X, D, cell_dtype, source).to(work_dtype)
     dense_bytes, block_bytes = _jacobian_bytes(B, D, work_dtype)
     blocks_fwd = fc.has_blocks and source == "analytic" and name != "damped_newton"
     chunk_T = max(1, DENSE_MEMORY_LIMIT // max(block_bytes if blocks_fwd else dense_bytes, 1))
@@ -683,33 +687,42 @@ def solve_recurrence(
             return done(_loop_instead(fc, X, h0_flat, cell_dtype, info))
         return done(res.H)
 
-    with torch.no_grad():
-        if m.structure != "dense" or chunk_T >= T:
-            H = _solve(fc, m, source, X, h0_flat, H0.detach(), cap, on_failure, info, loop_kw)
-        else:  # time chunks with the carried state, to bound the dense Jacobians' memory
-            parts, h_start, per_chunk = [], h0_flat, []
-            for s in range(0, T, chunk_T):
-                e = min(T, s + chunk_T)
-                before = info.iterations
-                Hc = _solve(fc, m, source, X[:, s:e], h_start, H0[:, s:e].detach(),
-                            min(cap, e - s), on_failure, info, loop_kw, offset=s)
-                per_chunk.append(info.iterations - before)
-                parts.append(Hc)
-                h_start = Hc[:, -1]
-                info.time_chunks = len(parts)
-            H = torch.cat(parts, dim=1)
-            # the chunks run one after another: a time step went through its chunk's
-            # iterations only (the total is info.linear_solves)
-            info.linear_solves, info.iterations = info.iterations, max(per_chunk)
-    if info.linear_solves == 0:
-        info.linear_solves = info.iterations
-    if polish and on_failure != "warn" and (D <= POLISH_MAX_D or fc.diag_exact
-                                            or fc.has_blocks):
+    # the same large tensors are allocated every iteration: keep freed ones in the heap
+    heap_bytes = min(T, chunk_T) * (dense_bytes if m.structure == "dense" else B * D * 4) // 4
+    with _heap.retained(heap_bytes if X.device.type == "cpu" else 0):
+        last: dict = {}  # the loop's last f and Jacobians, for the polish (one time chunk only)
         with torch.no_grad():
-            H = _polish(fc, X, H, h0_flat, cell_dtype, adjoint_chunk_T)
+            if m.structure != "dense" or chunk_T >= T:
+                H = _solve(fc, m, source, X, h0_flat, H0.detach(), cap, on_failure, info,
+                           loop_kw, last=last)
+            else:  # time chunks with the carried state, to bound the dense Jacobians' memory
+                parts, h_start, per_chunk = [], h0_flat, []
+                for s in range(0, T, chunk_T):
+                    e = min(T, s + chunk_T)
+                    before = info.iterations
+                    Hc = _solve(fc, m, source, X[:, s:e], h_start, H0[:, s:e].detach(),
+                                min(cap, e - s), on_failure, info, loop_kw, offset=s)
+                    per_chunk.append(info.iterations - before)
+                    parts.append(Hc)
+                    h_start = Hc[:, -1]
+                    info.time_chunks = len(parts)
+                H = torch.cat(parts, dim=1)
+                # the chunks run one after another: a time step went through its chunk's
+                # iterations only (the total is info.linear_solves)
+                info.linear_solves, info.iterations = info.iterations, max(per_chunk)
+        if info.linear_solves == 0:
+            info.linear_solves = info.iterations
+        F = None
+        if polish and on_failure != "warn" and (D <= POLISH_MAX_D or fc.diag_exact
+                                                or fc.has_blocks):
+            with torch.no_grad():
+                H, F = _polish(fc, X, H, h0_flat, cell_dtype, adjoint_chunk_T, source,
+                               last.get("F"), last.get("A"))
     # one evaluation at the solution: the residual that is reported, and, for the implicit
     # gradient, the differentiable f whose backward receives the adjoint (see _Implicit)
-    if source == "compiled" and not torch.is_grad_enabled():  # no graph needed: compiled f
+    if F is not None and not torch.is_grad_enabled():  # the polish's, without a graph
+        pass
+    elif source == "compiled" and not torch.is_grad_enabled():  # no graph needed: compiled f
         F = _eval(fc, source, X, shift(H, h0_flat), cell_dtype)
     else:
         F = evaluate(fc, X, shift(H.to(cell_dtype), h0_flat.to(cell_dtype)))
@@ -719,19 +732,24 @@ def solve_recurrence(
                         info.converged):
         return done(_loop_instead(fc, X, h0_flat, cell_dtype, info))
     if F.requires_grad:
-        adj = _Adjoint(fc, X, shift(H, h0_flat).detach(), cell_dtype, adjoint_chunk_T)
+        adj = _Adjoint(fc, X, shift(H, h0_flat).detach(), cell_dtype, adjoint_chunk_T, source)
         H = _Implicit.apply(F, H, adj, _Switch(), h0_flat, *_anchors(F, X, h0_flat, cell))
     return done(H)
 
 
 def _solve(fc: FlatCell, m: Method, source: str | None, X: Tensor, h0: Tensor, H0: Tensor,
-           cap: int, on_failure: str, info: SolveInfo, loop_kw: dict, offset: int = 0) -> Tensor:
-    """One parallel solve of a time segment, with the failure policy. Updates info."""
+           cap: int, on_failure: str, info: SolveInfo, loop_kw: dict, offset: int = 0,
+           last: dict | None = None) -> Tensor:
+    """One parallel solve of a time segment, with the failure policy. Updates info; where
+    ``last`` is given and the solve converged, it receives f at the solution ("F") and the
+    last dense Jacobians ("A", or None)."""
     tol = loop_kw["tol"]
     res: LoopResult = run(fc, m, source, X, h0, H0, max_iter=cap, **loop_kw)
     info.iterations += res.iterations
     info.residuals.extend(res.residuals)
     if res.converged:
+        if last is not None and res.F.dtype == res.H.dtype:
+            last["F"], last["A"] = res.F, res.A
         return res.H
     if on_failure == "raise":
         info.residual = res.residuals[-1]

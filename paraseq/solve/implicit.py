@@ -21,6 +21,7 @@ from torch import Tensor
 from ..scan import linear_scan
 from .cell import FlatCell
 from .iterate import block_scan, evaluate, from_blocks, residual_map, shift, to_blocks
+from .methods import evaluate_rows
 
 POLISH_MAX_D = 64
 """The largest state size (with a dense Jacobian) whose float32 solves at the default tolerance
@@ -34,7 +35,8 @@ rounding floor: ``_polish`` then costs one evaluation of the cell and changes no
 
 
 def _polish(fc: FlatCell, X: Tensor, H: Tensor, h0: Tensor, cell_dtype: torch.dtype,
-            chunk_T: int) -> Tensor:
+            chunk_T: int, source: str | None = None, F0: Tensor | None = None,
+            J: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One exact Newton step from a solution H (B, T, D) accepted at the default float32
     tolerance, kept when it lowers the residual.
 
@@ -44,17 +46,41 @@ def _polish(fc: FlatCell, X: Tensor, H: Tensor, h0: Tensor, cell_dtype: torch.dt
     (measured 1e-4 relative at T = 600 with picard, 100x the loop's own float32 error). The
     step solves that recurrence with the true Jacobian (``_Adjoint.tangent``: the implicit
     gradient's structure, diagonal, blocks or dense, and its time chunks), which leaves the
-    states at the rounding floor: about the cost of one implicit backward pass."""
+    states at the rounding floor: about the cost of one implicit backward pass.
+
+    Returns the states and f at them (B, T, D) each; ``F0``, where given, is f at H already
+    (the solve's own last evaluation), and ``source`` the solve's Jacobians ("compiled": the
+    compiled cell and Jacobian serve the polish too). ``J`` (B, T, D, D), where given, is a
+    Newton solve's last dense Jacobians, at H or at the iterate before it: the step then
+    reuses them (a Newton step with a Jacobian one iterate old, its error the product of two
+    converged corrections, far under the rounding floor), and costs one scan and one
+    evaluation of the cell."""
     Hp = shift(H, h0)
-    F0 = evaluate(fc, X, Hp.to(cell_dtype)).to(H.dtype)
+    if F0 is None:
+        F0 = _evaluate(fc, source, X, Hp, cell_dtype).to(H.dtype)
     r0 = residual_map(H, F0).max()
     if not bool(r0 > POLISH_SKIP):  # at the rounding floor already (Newton, usually)
-        return H
-    e = _Adjoint(fc, X, Hp, cell_dtype, chunk_T).tangent(F0 - H)
+        return H, F0
+    if J is not None and J.shape[:2] == H.shape[:2]:  # w_t = v_t + J_t w_{t-1}, w_0 = v_0
+        e = linear_scan(J, (F0 - H).to(J.dtype), torch.zeros_like(h0, dtype=J.dtype),
+                        structure="dense").to(H.dtype)
+    else:
+        e = _Adjoint(fc, X, Hp, cell_dtype, chunk_T, source).tangent(F0 - H)
     H1 = H + e
-    F1 = evaluate(fc, X, shift(H1, h0).to(cell_dtype)).to(H.dtype)
+    F1 = _evaluate(fc, source, X, shift(H1, h0), cell_dtype).to(H.dtype)
     r1 = residual_map(H1, F1).max()
-    return H1 if bool(r1 <= r0) else H
+    return (H1, F1) if bool(r1 <= r0) else (H, F0)
+
+
+def _evaluate(fc: FlatCell, source: str | None, X: Tensor, Hp: Tensor,
+              cell_dtype: torch.dtype) -> Tensor:
+    """f on all B x T rows without a graph: compiled where the solve's Jacobians are."""
+    B, T, D = Hp.shape
+    if source == "compiled" and not torch.is_grad_enabled():
+        F = evaluate_rows(fc, source, X.reshape(B * T, X.shape[-1]),
+                          Hp.reshape(B * T, D).to(cell_dtype))
+        return F.reshape(B, T, D)
+    return evaluate(fc, X, Hp.to(cell_dtype))
 
 
 class _Adjoint:
@@ -71,8 +97,9 @@ class _Adjoint:
     a graph."""
 
     def __init__(self, fc: FlatCell, X: Tensor, Hp: Tensor | None, cell_dtype: torch.dtype,
-                 chunk_T: int):
+                 chunk_T: int, source: str | None = None):
         self.fc, self.X, self.Hp, self.cell_dtype, self.chunk_T = fc, X, Hp, cell_dtype, chunk_T
+        self.source = source  # "compiled": dense Jacobians by the compiled function
         self.diagonal = fc.diag_exact
         self.blocks = fc.has_blocks and not fc.diag_exact
 
@@ -91,6 +118,10 @@ class _Adjoint:
             Jb = blocks[1]
             return Jb.reshape(B, e - s, *Jb.shape[1:]).to(Hp.dtype)
         res = fc.analytic_full(rows_x, rows_h) if fc.has_full else None
+        if res is None and self.source == "compiled" and not torch.is_grad_enabled():
+            from . import jit
+
+            res = jit.call(fc, "lin", rows_x, rows_h)
         J = (res if res is not None else fc.autograd_full(rows_x, rows_h))[1]
         return J.reshape(B, e - s, D, D).to(Hp.dtype)
 

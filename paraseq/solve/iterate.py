@@ -26,6 +26,7 @@ class LoopResult:
     converged: bool
     iterations: int
     residuals: list[float] = field(default_factory=list)
+    A: Tensor | None = None  # the last dense Jacobians formed (B, T, D, D), at H or one before
 
 
 def shift(H: Tensor, h0: Tensor) -> Tensor:
@@ -164,24 +165,34 @@ def run(fc: FlatCell, method: Method, source: str | None, X: Tensor, h0: Tensor,
     residuals: list[float] = []
     best, since_best = float("inf"), 0
     k = 0
+    last_A = None  # the last dense Jacobians (kept for the caller's polish, ``LoopResult.A``)
     while True:
         Hp = shift(H, h0)  # (B, T, D)
         A = b = None
-        if not fixed_iterations and _expect_converged(residuals, tol, method):
+        if not fixed_iterations and (_expect_converged(residuals, tol, method)
+                                     or _expect_chord(residuals, tol, method, last_A)):
             # Newton's error squares each iteration: when the last two residuals say this
-            # iterate is converged, f alone is evaluated first and the Jacobian (D times f's
-            # cost, or more) only if the residual says otherwise
+            # iterate is converged, or one step with the last Jacobians (a chord step) will
+            # converge, f alone is evaluated first and the Jacobian (D times f's cost, or
+            # more) only if the residual says otherwise
             F = _eval(fc, source, X, Hp, cell_dtype)
             r = float(residual_map(H.detach(), F.detach()).max()) if H.numel() else 0.0
-            if not r <= tol:
+            if r <= tol:
+                pass
+            elif _chord_converges(residuals, r, tol, last_A):
+                A = last_A  # the step below is Newton's with the Jacobians one iterate old
+            else:
                 F, A, b = _lin_rhs(fc, method, source, X, Hp, cell_dtype, samples, generator)
         else:
             F, A, b = _lin_rhs(fc, method, source, X, Hp, cell_dtype, samples, generator)
             r = float(residual_map(H.detach(), F.detach()).max()) if H.numel() else 0.0
         residuals.append(r)
+        if A is not None and A.dim() == 4 and method.structure == "dense" and not (
+                fixed_iterations):
+            last_A = A
         if not fixed_iterations:
             if r <= tol:
-                return LoopResult(H, F, True, k, residuals)
+                return LoopResult(H, F, True, k, residuals, last_A)
             if r < 0.5 * best:
                 best, since_best = r, 0
             else:
@@ -205,6 +216,32 @@ def _expect_converged(residuals: list[float], tol: float, method: Method) -> boo
     if not (0 < r1 < r0 < float("inf")):
         return False
     return r1 * (r1 / r0) ** 2 <= 0.1 * tol
+
+
+def _expect_chord(residuals: list[float], tol: float, method: Method,
+                  last_A: Tensor | None) -> bool:
+    """Whether a chord step (Newton's with the last Jacobians, one iterate old) from this
+    iterate is predicted to converge: evaluate f alone first and decide on its residual
+    (``_chord_converges``). With r_{k-1}, r_{k-2} the last two residuals, Newton predicts
+    r_k ~ r_{k-1}^3 / r_{k-2}^2; a chord step's residual is about r_k^2 / r_{k-1} (its error
+    is the product of the last two corrections, where Newton's is the last one squared)."""
+    if last_A is None or method.structure != "dense" or len(residuals) < 2:
+        return False
+    r0, r1 = residuals[-2], residuals[-1]
+    if not (0 < r1 < r0 < float("inf")):
+        return False
+    r_pred = r1 * (r1 / r0) ** 2
+    return r_pred * r_pred / r1 <= 0.1 * tol
+
+
+def _chord_converges(residuals: list[float], r: float, tol: float,
+                     last_A: Tensor | None) -> bool:
+    """Whether the chord step from an iterate with residual r is predicted under ``tol``
+    (see ``_expect_chord``): r^2 / r_{k-1} <= tol / 10."""
+    if last_A is None or not residuals:
+        return False
+    r1 = residuals[-1]
+    return 0 < r < r1 < float("inf") and r * r / r1 <= 0.1 * tol
 
 
 def _levenberg_marquardt(fc: FlatCell, method: Method, source: str | None, X: Tensor,
