@@ -132,10 +132,11 @@ def probe_method(fc: FlatCell, X: Tensor, h0: Tensor, cell_dtype: torch.dtype,
     and of its torch.func Jacobian differ by orders of magnitude between cells (the seed
     essay's tanh(A h + u) is one matmul; a hand-written GRU is a dozen ops), so one bound on
     B D^2 (``choose_method``) cannot hold for all. The probe times the loop on 64 steps (best
-    of 2) and one linearisation plus scan on a prefix of k steps (B k >= 1024 rows, best of
-    2 after a warm-up), and predicts the loop at T steps and the
-    parallel solve at ``PROBE_ITERATIONS`` such passes over T / k prefixes (measured once per
-    cell and (B, D, n, dtype, device), then reused for every length); ``"newton"``
+    of 2) and one linearisation plus scan on prefixes of k and 8 k steps (B k >= 1024 rows,
+    best of 2 after a warm-up), fits a fixed cost plus a cost per row to those, and predicts
+    the loop at T steps and the parallel solve at ``PROBE_ITERATIONS`` such passes over the
+    B T rows (measured once per cell and (B, D, n, dtype, device), then reused for every
+    length); ``"newton"``
     (``"quasi_newton"`` for D = 1) when that is under ``PROBE_MARGIN`` of the loop, else
     ``"sequential"``. It costs a few milliseconds, and its pick can differ between calls
     near the break-even point, where the two are equally fast; the results are the same to
@@ -158,14 +159,16 @@ def probe_method(fc: FlatCell, X: Tensor, h0: Tensor, cell_dtype: torch.dtype,
             known[key] = _probe_costs(fc, m, source, X, h0, cell_dtype)
         finally:
             fc.func_min_work = saved
-    per_step_parallel, per_step_loop = known[key]
-    return name if PROBE_ITERATIONS * per_step_parallel <= PROBE_MARGIN * per_step_loop \
-        else "sequential"
+    fixed, per_row, per_step_loop = known[key]
+    T = X.shape[1]
+    parallel = PROBE_ITERATIONS * (fixed + per_row * B * T)
+    return name if parallel <= PROBE_MARGIN * per_step_loop * T else "sequential"
 
 
 _PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """``probe_method``'s measurements, per cell and (B, D, n, dtype, device, Jacobian source):
-seconds per time step of one linearisation and scan, and of the loop."""
+one linearisation and scan as seconds fixed + seconds per row, and the loop's seconds per
+step."""
 
 
 def _probe_costs(fc: FlatCell, m: Method, source: str | None, X: Tensor, h0: Tensor,
@@ -176,8 +179,8 @@ def _probe_costs(fc: FlatCell, m: Method, source: str | None, X: Tensor, h0: Ten
 
     B, T, _ = X.shape
     D = h0.shape[-1]
-    k = min(T, max(32, -(-1024 // B)))
-    Xk = X[:, :k]
+    k1 = min(T, max(32, -(-1024 // B)))
+    k2 = min(T, 8 * k1)
 
     def best(fn, repeats: int) -> float:
         times = []
@@ -188,17 +191,25 @@ def _probe_costs(fc: FlatCell, m: Method, source: str | None, X: Tensor, h0: Ten
         return min(times)
 
     with torch.no_grad():
-        Hp = h0.unsqueeze(1).expand(B, k, D).contiguous()  # (B, k, D)
-
-        def parallel() -> None:
-            F, A, b = _lin_rhs(fc, m, source, Xk, Hp, cell_dtype, 8, None)
+        def parallel(k: int) -> None:
+            Hp = h0.unsqueeze(1).expand(B, k, D).contiguous()  # (B, k, D)
+            F, A, b = _lin_rhs(fc, m, source, X[:, :k], Hp, cell_dtype, 8, None)
             newton_step(m, F, A, Hp, h0, b)
 
-        parallel()  # warm-up: torch.func's first trace (or the compilation)
-        t_par = best(parallel, 2)
+        parallel(k1)  # warm-up: torch.func's first trace (or the compilation)
+        t1 = best(lambda: parallel(k1), 2)
+        t2 = best(lambda: parallel(k2), 2) if k2 > k1 else t1
         steps = min(T, 64)  # the loop itself (slicing, the cell, the stack), some steps
         t_loop = best(lambda: sequential(fc, X[:, :steps], h0, cell_dtype), 2)
-    return t_par / k, t_loop / steps
+    # a pass costs a fixed part (dispatch, torch.func's tracing) and a part per row: the two
+    # prefixes give both, and the solve's B T rows are predicted from them (one prefix of
+    # 1024 rows alone made the fixed part look per-row: at D = 1, B = 16, T = 1e5 the loop
+    # was picked, 20x slower than Newton)
+    # (never under half the larger prefix's average: timing noise must not make rows free)
+    per_row = max(t2 - t1, 0.0) / (B * (k2 - k1)) if k2 > k1 else t1 / (B * k1)
+    per_row = max(per_row, 0.5 * t2 / (B * k2))
+    fixed = max(t1 - per_row * B * k1, 0.0)
+    return fixed, per_row, t_loop / steps
 
 
 def _cell_state_sizes(cell: Callable) -> int | tuple[int, ...] | None:
