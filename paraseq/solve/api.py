@@ -511,13 +511,19 @@ def solve_recurrence(
         h0: the state before the first step, (..., D) or a tuple of (..., D_i); None means
             zeros, sized by the cell's ``hidden_size`` (or ``state_sizes``) attribute.
         method: ``"sequential"``, ``"newton"``, ``"quasi_newton"``, ``"damped_newton"``,
-            ``"picard"``, ``"jacobi"`` or ``"auto"`` (see ``choose_method``).
+            ``"picard"``, ``"jacobi"`` or ``"auto"`` (see ``choose_method``). ``"newton"``
+            forms no Jacobian where the residuals say it is not needed: at an iterate they
+            predict converged (f alone is evaluated), and for a last step that the
+            Jacobians one iterate old are predicted to finish (a chord step: its residual
+            about r_k^2 / r_{k-1} where Newton's is r_k^2 / r_{k-1}^2 r_k); a prediction
+            that fails costs one evaluation of f and Newton resumes.
         tol: tolerance on the scaled residual max_t |h_t - f(x_t, h_{t-1})| / (1 + |f|);
             default by dtype (``DEFAULT_TOL``: 1e-10 float64, 1e-5 float32). A per-step
             bound: the states' error adds the residuals up along the trajectory where the
             cell is near-neutral. So with the default in float32, a parallel solve whose
             residual is above the rounding floor gets one exact Newton step (``_polish``,
-            about one implicit backward pass; dense Jacobians up to ``POLISH_MAX_D``),
+            about one implicit backward pass, or one scan where a newton solve's last
+            Jacobians serve; dense Jacobians up to ``POLISH_MAX_D``),
             which leaves the states within the loop's own float32 error. A tol given means
             that per-step residual exactly.
         max_iter: cap on linear solves (default ``DEFAULT_MAX_ITER``, at most T).
