@@ -13,7 +13,9 @@ The cells (``--cells``), all nn.Modules taking (x (N, n), h (N, D)) as torch's c
 - ``lstm``: torch.nn.LSTM's equations by hand, state (h, c) (D counts both);
 - ``essay``: the seed essay's h_t = tanh(A h_{t-1} + u_t).
 
-Workloads ``hidden,batch,T`` (default: the four of issue 16); input size = hidden. Columns:
+Workloads ``hidden,batch,T`` (default: the four of issue 16); input size = hidden. With
+``--threads 1`` (the default) the process is pinned to one CPU, so that DEER's XLA runs on
+one thread as torch does. Columns:
 
 - ``loop``: ``method="sequential"``, one cell call per step (Python);
 - ``compiled loop``: the same loop over ``torch.compile(cell)`` (its compilation not timed);
@@ -335,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.threads == 1 and hasattr(os, "sched_setaffinity"):
+        # one thread for every engine: torch is told, XLA (DEER) is not (its own pool would
+        # take the other cores), so the process is pinned to one CPU, as `taskset -c 0` does
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     if args.workloads:
         loads = [tuple(int(v) for v in w.split(",")) for w in args.workloads]
     else:
