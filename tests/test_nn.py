@@ -405,6 +405,36 @@ def test_torch_compile_matches_eager():
     assert torch.allclose(gc, g, atol=1e-12)
 
 
+def test_import_leaves_dynamo_alone_and_compiled_callers_still_run_the_solver_eagerly():
+    """``import paraseq`` does not import torch._dynamo (2.5 s of its import time before);
+    under torch.compile the solver still runs eagerly (``paraseq._compile.eager``)."""
+    import subprocess
+    import sys
+
+    code = "import sys, paraseq, paraseq.nn; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         check=True)
+    assert out.stdout.strip() == "False"
+    import paraseq
+
+    seen = []
+
+    def cell(x, h):
+        seen.append(torch.compiler.is_compiling())
+        return torch.tanh(h * 0.5 + x)
+
+    def model(x):
+        return paraseq.solve_recurrence(cell, x * 2, torch.zeros(2, 3), method="newton") + 1
+
+    x = torch.randn(2, 40, 3)
+    torch._dynamo.reset()
+    got = torch.compile(model, backend="eager")(x)
+    assert seen and not any(seen)  # the cell ran eagerly, inside the solver
+    assert torch.allclose(got, model(x), atol=1e-6)
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
                     reason="inductor on CPU needs a C++ compiler")
 def test_torch_compile_inductor_matches_eager():

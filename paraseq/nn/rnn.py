@@ -112,6 +112,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .._compile import eager
 from ..cells import compiled, newton
 from ..gpu import routing as _gpu_routing
 from ..result import SolveInfo
@@ -416,7 +417,7 @@ class _RNNBase(nn.Module):
             state_n = tuple(s.index_select(1, unsorted_idx) for s in state_n)
         return out, (state_n if self.mode == "LSTM" else state_n[0])
 
-    @torch.compiler.disable
+    @eager
     def _native(self, x: Tensor, state: tuple[Tensor, ...], batch_sizes, data):
         """torch's fused kernels over the whole stack: (T, B, Dn Hout) (or packed data)."""
         fn = _NATIVE[self.mode]
@@ -465,7 +466,7 @@ class _RNNBase(nn.Module):
             layer_in = out
         return layer_in, tuple(torch.stack(f) for f in finals)
 
-    @torch.compiler.disable
+    @eager
     def _direction(self, layer_in: Tensor, params: tuple[Tensor, ...], h0: tuple[Tensor, ...],
                    keys: tuple[str, ...], method: str, backward_dir: bool,
                    rev_idx: Tensor | None, training: bool) -> tuple[Tensor, ...]:
@@ -564,7 +565,7 @@ class _RNNBase(nn.Module):
         return (NEWTON_SWEEPS and self.mode in _SWEEP_CELLS
                 and not getattr(self, "proj_size", 0) and newton.supported(x.transpose(0, 1)))
 
-    @torch.compiler.disable
+    @eager
     def _newton_sweeps(self, gi: Tensor, h0: tuple[Tensor, ...], p: dict[str, Tensor],
                        method: str = "newton"):
         """One layer and direction by ``paraseq.cells.newton``: (states (B, T, H), or the LSTM's
@@ -594,7 +595,7 @@ class _RNNBase(nn.Module):
                                           c0=h0[1].to(gi.dtype) if lstm else None,
                                           method=method)
 
-    @torch.compiler.disable
+    @eager
     def _fused_newton(self, gi: Tensor, h0: tuple[Tensor, ...], p: dict[str, Tensor]):
         """One layer and direction of DiagGRU/DiagLSTM by ``paraseq.gpu.diag_newton`` (the
         fused kernels): tol=None accepts at ``DEFAULT_TOL`` and aims at ``FLOOR_TOL``
@@ -619,7 +620,7 @@ class _RNNBase(nn.Module):
             h0[1] if lstm else None, tol=accept, target=target, max_iter=cap,
             iterations=self._fixed_iterations, on_failure=self.on_failure)
 
-    @torch.compiler.disable
+    @eager
     def _solve(self, cell, gi: Tensor, h0, method: str) -> tuple[object, SolveInfo]:
         """One layer and direction: ``solve_recurrence`` over gi (B, T, K H) from h0, then,
         with tol=None, the refinement towards ``FLOOR_TOL`` (module docstring, "Accuracy")."""

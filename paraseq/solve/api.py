@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _heap
+from .._compile import eager
 from ..result import ConvergenceError, SolveInfo
 from .cell import FlatCell, State, StateLayout
 from .implicit import (
@@ -481,7 +482,7 @@ def _as_batch_state(state: State, layout: StateLayout, batch: torch.Size, what: 
     return flat.expand(*batch, *tail).reshape(B, *tail)
 
 
-@torch.compiler.disable
+@eager
 def solve_recurrence(
     cell: Callable,
     inputs: Tensor,
