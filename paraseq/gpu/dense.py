@@ -82,7 +82,7 @@ from .newton import (
     work_dtype,
 )
 
-__all__ = ["CELLS", "STEPS", "backend_for", "dense_newton", "fits"]
+__all__ = ["CELLS", "STEPS", "backend_for", "dense_flat", "dense_newton", "fits"]
 
 CELLS = twin.CELLS
 """The dense cells with a fused kernel: torch.nn's GRU, Elman (tanh, relu) and LSTM."""
@@ -426,16 +426,35 @@ def dense_newton(cell: str, gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: 
     ``info.jacobian`` names what ran. See the module docstring for the passes."""
     _check(cell, gi, h0, c0, weight_hh, bias_hh, on_failure, iterations, max_iter, tol)
     H = weight_hh.shape[1]
-    name = backend_for(gi.device, backend, twin.state_size(cell, H))
+    x0 = torch.cat([h0, c0.to(h0.dtype)], -1) if cell == "lstm" else h0  # (B, D)
+    x, info = _solve(cell, gi, x0, weight_hh, bias_hh, tol, target, max_iter, iterations,
+                     on_failure, backend)
+    return ((x[..., :H], x[..., H:]) if cell == "lstm" else x), info
+
+
+def dense_flat(cell: str, gi: Tensor, x0: Tensor, weight_hh: Tensor, bias_hh: Tensor | None, *,
+               tol: float | None = None, target: float | None = None,
+               max_iter: int | None = None, iterations: int | None = None,
+               on_failure: str = "fallback", backend: str = "auto"):
+    """``dense_newton`` on the flat state x0 (B, D) ([h0, c0] for the LSTM, D = 2 H, the
+    layout of ``solve_recurrence``): (x (B, T, D), SolveInfo)."""
+    H = weight_hh.shape[1] if isinstance(weight_hh, Tensor) and weight_hh.dim() == 2 else 0
+    lstm = cell == "lstm" and isinstance(x0, Tensor)
+    _check(cell, gi, x0[..., :H] if lstm else x0, x0[..., H:] if lstm else None, weight_hh,
+           bias_hh, on_failure, iterations, max_iter, tol)
+    return _solve(cell, gi, x0, weight_hh, bias_hh, tol, target, max_iter, iterations,
+                  on_failure, backend)
+
+
+def _solve(cell, gi, x0, weight_hh, bias_hh, tol, target, max_iter, iterations, on_failure,
+           backend):
+    name = backend_for(gi.device, backend, twin.state_size(cell, weight_hh.shape[1]))
     tol = float(tol) if tol is not None else default_tol(gi.dtype)
     target = tol if target is None else min(float(target), tol)
     T = gi.shape[1]
     cap = max(1, min(T, max_iter if max_iter is not None else DEFAULT_MAX_ITER))
     b = bias_hh if bias_hh is not None else weight_hh.new_zeros(weight_hh.shape[0])
-    x0 = torch.cat([h0, c0.to(h0.dtype)], -1) if cell == "lstm" else h0  # (B, D)
     out: dict = {}
     x = _DenseNewton.apply(cell, name, gi, x0, weight_hh, b,
                            (tol, target, cap, iterations, on_failure, out))
-    states = (x[..., :H], x[..., H:]) if cell == "lstm" else x
-    return states, out["info"]
-
+    return x, out["info"]
