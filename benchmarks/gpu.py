@@ -25,7 +25,15 @@ failure of one measurement (out of memory, a peer's error) is a row with the err
    sum); the same weights; column ``err``: the largest difference from cuDNN's output;
    ``path``: the module's ``last_path``. Cells ordered by T so that a budget cut loses the
    long ones; an implementation whose time at the previous T extrapolates (linearly in T) past
-   ``--cell-cap`` seconds is skipped at the next.
+   ``--cell-cap`` seconds is skipped at the next. The forced Newton on CUDA is
+   ``paraseq.gpu.dense_newton`` (per iteration a GEMM, one Triton kernel forming the dense
+   Jacobian, the dense Triton scan) where the state fits its kernels (hidden <= 64; ``path``
+   "fused newton (triton)"), the general Newton of ``paraseq.solve`` beyond (hidden 256:
+   "parallel (newton), general path: state D=256 > 64"). At batch 16, float32 and hidden 8
+   and 64, one more row, ``<forced> (general)``, runs the same method with
+   ``paraseq.gpu.routing.DENSE_FUSED = False``: the general torch Newton, which also forms
+   the dense Jacobians, so that ratio is what the fusion buys (no matrix-free variant exists
+   on the GPU: a parallel scan needs the products of the J_t, i.e. the matrices).
 5. ``peers``: paraseq.nn.DiagGRU (auto, and the forced method) against pararnn-torch's
    ParaGRU (``mix="diag"``, ``NewtonConfig(max_iters=3, scan_backend="fused")``) at its own
    setting (B 8, d_h 256, T 2048, K 3) and at T 1e5, the same function (weights mapped by
@@ -388,6 +396,8 @@ def section_gru(run: Run) -> None:
             m = pnn.GRU(H, H, batch_first=True, method=method, device=run.device, dtype=dtype)
             m.load_state_dict(ref.state_dict())
             impls[f"paraseq.nn.GRU {method}"] = m
+        if dt == "float32" and ((B == 16 and H in (8, 64)) or run.dry):  # fused vs general
+            impls[f"paraseq.nn.GRU {run.args.newton_method} (general)"] = _Unfused(m)
         x = torch.randn(B, T, H, device=run.device, dtype=dtype)
         with torch.no_grad():
             want = ref(x)[0].float()
@@ -425,6 +435,27 @@ def section_gru(run: Run) -> None:
                     last[key] = (T, float("inf"))
                     run.add(Row("gru", case, name, pass_, dt, B, H, T, note=_note(exc)))
     _crossover(run)
+
+
+class _Unfused:
+    """A paraseq.nn module run with ``paraseq.gpu.routing.DENSE_FUSED = False``: its Newton on
+    the general path (the backward too: it is routed when the forward runs)."""
+
+    def __init__(self, mod):
+        self.mod = mod
+
+    @property
+    def last_path(self) -> str:
+        return self.mod.last_path
+
+    def __call__(self, x):
+        from paraseq.gpu import routing
+
+        routing.DENSE_FUSED = False
+        try:
+            return self.mod(x)
+        finally:
+            routing.DENSE_FUSED = True
 
 
 def _crossover(run: Run) -> None:

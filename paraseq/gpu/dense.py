@@ -317,6 +317,7 @@ class _DenseNewton(torch.autograd.Function):
         with torch.no_grad():
             x, k, residuals, first = _iterate(P, tol=tol, target=target, max_iter=max_iter,
                                               iterations=iterations)
+        P._bufs = None  # the B T D^2 Jacobians: not held until the backward
         r = residuals[-1] if residuals else 0.0
         where = "triton kernel" if P.backend == "triton" else "torch twin"
         info = SolveInfo(method="newton", iterations=k, converged=r <= tol, residual=r,

@@ -59,6 +59,10 @@ def label(device: torch.device, dense_cell: bool = False) -> str:
     return "fused newton (triton)" if backend == "triton" else "fused newton (torch twin)"
 
 
+DENSE_FUSED = True
+"""False sends the dense modules' and cells' Newton to the general path of ``paraseq.solve``
+on every device (what ``benchmarks/gpu.py`` times the fused kernel against)."""
+
 MODE_CELLS = {"GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm"}
 """``paraseq.nn``'s dense modes and the cells of ``paraseq.gpu.dense_newton``."""
 
@@ -70,7 +74,7 @@ def dense_route(mode: str, H: int, method: str, proj_size: int = 0) -> tuple[str
     cell = MODE_CELLS.get(mode)
     D = 2 * H if mode == "LSTM" else H
     newton_like = method == "newton" or (method == "quasi_newton" and D == 1)
-    if cell is None or not newton_like:
+    if cell is None or not newton_like or not DENSE_FUSED:
         return None, ""
     if proj_size:
         return None, "general path: proj_size"
