@@ -416,6 +416,11 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_the_twin(monkeypatch):
     assert gn.BROKEN is None
     with pytest.raises(ValueError, match="failed to compile here"):
         gd.backend_for(torch.device("cuda"), "triton")
+    # a kernel that has run before compiled: its failure is the computation's, raised
+    monkeypatch.setattr(gd, "BROKEN", None)
+    monkeypatch.setattr(gd, "_LAUNCHED", {"dense_cell_kernel/0/0"})
+    with pytest.raises(RuntimeError, match="PassManager"):
+        gd.dense_newton("gru", gi, h0, w, b)
 
 
 # ----------------------------------------------------------------------------- routing

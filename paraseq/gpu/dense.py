@@ -147,8 +147,8 @@ def _launch(grid, *args, **kw) -> bool:
     try:
         _kern().dense_cell_kernel[grid](*args, num_warps=4 if bd <= 32 else 8, **kw)
     except Exception as err:
-        if scan_gpu.interpreted() or not _compile_failure(err, name):
-            raise
+        if scan_gpu.interpreted() or name in _LAUNCHED or not _compile_failure(err, name):
+            raise  # (a kernel that has run once compiled: its failure is the computation's)
         BROKEN = f"{name}: {type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
         warnings.warn(f"paraseq.gpu: the dense fused Newton kernel failed to compile ({BROKEN}); "
                       f"running its pure-torch twin instead", RuntimeWarning, stacklevel=3)
