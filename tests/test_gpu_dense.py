@@ -293,6 +293,74 @@ def test_kernel_bfloat16_accumulates_in_float32(small_tiles):
     assert err(states, ref) <= 2e-2  # the bf16 rounding of the outputs (states of order one)
 
 
+_COMPILE = r"""
+import json, os, subprocess, sys, tempfile
+sys.path.insert(0, os.getcwd())
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from paraseq.gpu import _dense_kernels as k
+from paraseq.gpu.dense import warps
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+names = ["gi_ptr", "s_gb", "s_gt", "G_ptr", "G0_ptr", "w_ptr", "b_ptr", "x_ptr", "x0_ptr",
+         "g_ptr", "mu_ptr", "a_ptr", "v_ptr", "res_ptr", "first_ptr", "dgi_ptr", "dgh_ptr",
+         "dgh0_ptr", "T", "H", "D", "tol"]
+for cell, mode, bd in json.loads(sys.argv[1]):
+    types = ["*fp32", "i64", "i64"] + ["*fp32"] * 11 + ["*i32"] + ["*fp32"] * 3 + [
+        "i32", "i32", "i32", "fp32"]
+    sig = dict(zip(names, types))
+    ce = dict(CELL=cell, K=(3, 1, 1, 4)[cell], MODE=mode, STEPS=16, BLOCK_D=bd)
+    sig.update({n: "constexpr" for n in ce})
+    c = triton.compile(ASTSource(fn=k.dense_cell_kernel, signature=sig, constexprs=ce),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps(bd)})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(c.asm["ptx"])
+    out = subprocess.run([ptxas, "-v", "-arch=sm_90a", f.name, "-o", os.devnull],
+                         capture_output=True, text=True, check=True).stderr
+    os.unlink(f.name)
+    regs = out.split("Used ")[1].split()[0]
+    stores = out.split(" bytes spill stores")[0].split()[-1]
+    print(json.dumps([cell, mode, bd, len(c.asm["cubin"]), int(regs), int(stores)]))
+"""
+
+
+def _compile_for_sm90(cases):
+    """The kernel compiled by triton for an H100/H200 (sm_90) on this GPU-less machine, PTX
+    to cubin, and ptxas's register and spill counts: [(cell, mode, BD, cubin bytes, registers,
+    spill-store bytes)]. A subprocess: this one runs triton's interpreter."""
+    import json
+    import subprocess
+    import sys
+
+    if CUDA or not TRITON:
+        pytest.skip("a compile-only check for machines without a GPU")
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("triton's nvidia backend (ptxas) is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(cases)], env=env,
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("modes", [[0], pytest.param([1, 2, 3], marks=pytest.mark.slow)])
+def test_kernel_compiles_for_the_gpu(modes):
+    """What the interpreter cannot check: that triton's GPU compiler takes the kernel (every
+    cell and mode, BD 8 to 64) down to a cubin for sm_90, and that the warps chosen per tile
+    (``dense.warps``) keep it free of register spills up to BD = 32."""
+    bds = (32, 64) if modes == [0] else (8, 16, 32, 64)
+    got = _compile_for_sm90([[c, m, bd] for c in range(4) for m in modes for bd in bds])
+    assert len(got) == 4 * len(modes) * len(bds)
+    for cell, mode, bd, cubin, regs, spill in got:
+        assert cubin > 0 and regs <= 255
+        if bd <= 32:
+            assert spill == 0, (cell, mode, bd, regs, spill)
+
+
 # ----------------------------------------------------------------------------- precision
 
 

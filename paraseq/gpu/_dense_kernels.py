@@ -42,12 +42,13 @@ from ._kernels import _sigmoid, _tanh
 
 
 @triton.jit
-def _vec(ptr, off, m, dt):
+def _vec(ptr, off, m, dt: tl.constexpr):
     return tl.load(ptr + off, mask=m, other=0.0).to(dt)
 
 
 @triton.jit
-def _gates(gi_ptr, goff, G_ptr, G0_ptr, b_ptr, n, t, T, H, KH, u, m, k: tl.constexpr, dt):
+def _gates(gi_ptr, goff, G_ptr, G0_ptr, b_ptr, n, t, T, H, KH, u, m, k: tl.constexpr,
+           dt: tl.constexpr):
     # gate k's pre-activations at step t, by row: (gi_t, G_{t-1} + b_hh) (G0 at t = 0)
     x = _vec(gi_ptr, goff + k * H + u, m, dt)
     prev = (n.to(tl.int64) * T + t - 1) * KH + k * H + u
@@ -57,7 +58,7 @@ def _gates(gi_ptr, goff, G_ptr, G0_ptr, b_ptr, n, t, T, H, KH, u, m, k: tl.const
 
 
 @triton.jit
-def _state(x_ptr, x0_ptr, n, t, T, D, idx, m, dt):
+def _state(x_ptr, x0_ptr, n, t, T, D, idx, m, dt: tl.constexpr):
     # x_{t-1} at the features idx (x0 at t = 0)
     prev = (n.to(tl.int64) * T + t - 1) * D + idx
     return _vec(x_ptr, prev, m & (t >= 1), dt) + _vec(x0_ptr, n.to(tl.int64) * D + idx,

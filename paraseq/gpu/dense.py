@@ -92,6 +92,16 @@ _CODE = {"gru": 0, "rnn_tanh": 1, "rnn_relu": 2, "lstm": 3}
 STEPS = 16
 """Time steps per program of the cell kernel (untuned: no GPU has run it yet)."""
 
+
+def warps(block_d: int) -> int:
+    """Warps per program of the cell kernel for a BD x BD tile. Untimed: read off ptxas (sm_90,
+    float32, the GRU's forward mode, ``tests/test_gpu_dense.py``'s compile check prints the
+    same): without spills up to BD = 32 at these counts (BD 8 on 1 warp 128 registers, 16 on
+    4 warps 128, 32 on 8 warps 229); BD = 64 holds three 64 x 64 weight tiles and J per
+    program and spills at any count (0.75 KB a thread on 16 warps, 1.2 KB on 8)."""
+    return 1 if block_d <= 8 else 4 if block_d <= 16 else 8 if block_d <= 32 else 16
+
+
 _kernels = None
 
 BROKEN: str | None = None
@@ -143,9 +153,8 @@ def _launch(grid, *args, **kw) -> bool:
     compile on a GPU, so that the caller runs the twin instead."""
     global BROKEN
     name = f"dense_cell_kernel/{kw['CELL']}/{kw['MODE']}"
-    bd = kw["BLOCK_D"]
     try:
-        _kern().dense_cell_kernel[grid](*args, num_warps=4 if bd <= 32 else 8, **kw)
+        _kern().dense_cell_kernel[grid](*args, num_warps=warps(kw["BLOCK_D"]), **kw)
     except Exception as err:
         if scan_gpu.interpreted() or name in _LAUNCHED or not _compile_failure(err, name):
             raise  # (a kernel that has run once compiled: its failure is the computation's)
