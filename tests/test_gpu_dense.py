@@ -526,6 +526,25 @@ def test_modules_take_the_fused_path(cls, ref_cls, kw, cpu_routed):
         torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize(("cls", "ref_cls"), [(pnn.GRU, torch.nn.GRU), (pnn.LSTM, torch.nn.LSTM)])
+def test_double_backward_through_the_fused_path(cls, ref_cls, cpu_routed):
+    """create_graph=True: the modules replay the layer in torch ops (paraseq.nn._twice), so a
+    gradient penalty's second derivative is torch.nn's."""
+    torch.manual_seed(6)
+    m = cls(3, 4, method="newton").double()
+    ref = ref_cls(3, 4).double()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(70, 2, 3, dtype=torch.float64, requires_grad=True)
+    out = {}
+    for name, mod in (("fused", m), ("torch", ref)):
+        y, _ = mod(x)
+        (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+        out[name] = (g, torch.autograd.grad(g.sum(), mod.weight_hh_l0)[0])
+    assert m.last_path == "fused newton (torch twin)"
+    for u, v in zip(out["fused"], out["torch"], strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-10)
+
+
 def test_auto_and_packed_sequences_through_the_fused_path(cpu_routed, monkeypatch):
     from torch.nn.utils.rnn import pack_padded_sequence
 
