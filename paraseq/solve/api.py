@@ -585,7 +585,10 @@ def solve_recurrence(
     Jacobians) take ``paraseq.gpu``'s fused Newton instead: one Triton kernel per iteration,
     exact Newton for both methods, at this function's ``tol``, ``max_iter`` and
     ``on_failure`` (``info.jacobian`` "analytic (fused, triton kernel)", or "(fused, torch
-    twin)" without triton).
+    twin)" without triton); so do GRUCell, ElmanCell and LSTMCell with Newton (``"newton"``,
+    or ``"auto"`` choosing it) while their state fits the dense kernels (D <= 64):
+    ``paraseq.gpu.dense_newton``, ``info.jacobian`` "analytic (fused dense, triton kernel)"
+    (or "(fused dense, torch twin)").
 
     Under torch.compile the solve runs eagerly (``torch.compiler.disable``; a graph break in
     a compiled caller): its loop stops on a data-dependent test on the host, which Dynamo would
