@@ -99,9 +99,10 @@ Every forward of a parallel path leaves the ``SolveInfo`` of each layer and dire
 ``module.last_solve_info`` (a list, layer-major; empty after a sequential forward; its
 iterations and residuals include the refinement), and names its path in
 ``module.last_path``: "torch kernel", "compiled loop", "loop" (the diagonal modules'
-sequential path), or "parallel (<method>)", followed by ", fell back at t=<first step>
-(<k> of <n> solves)" when a solve fell back (``on_failure="fallback"``: finished by a restart
-or the sequential loop from that step on).
+sequential path), "parallel (<method>)" (on CUDA with ", general path: <why>" where a dense
+Newton could not take the fused kernel), or "fused newton (triton)" / "(torch twin)" (CUDA),
+followed by ", fell back at t=<first step> (<k> of <n> solves)" when a solve fell back
+(``on_failure="fallback"``: finished by a restart or the sequential loop from that step on).
 """
 
 from __future__ import annotations
