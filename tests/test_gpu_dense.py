@@ -670,6 +670,16 @@ def test_the_route_table():
                                                                      "general path: proj_size")
 
 
+@pytest.mark.parametrize(("B", "T"), [(2, 0), (0, 5)])
+def test_empty_inputs_give_empty_states_and_zero_gradients(B, T):
+    gi, h0, c0, w, b = problem("lstm", B, T, 3)
+    ins, c0 = leaves("lstm", gi, h0, c0, w, b)
+    (h, c), info = solve("lstm", ins, c0, backend="torch")
+    assert h.shape == c.shape == (B, T, 3) and info.iterations == 0 and info.converged
+    got = torch.autograd.grad((h.sum() + c.sum()), ins)
+    assert all(g.shape == t.shape and not g.any() for g, t in zip(got, ins, strict=True))
+
+
 def test_solve_is_quiet():
     """A converged solve warns about nothing."""
     gi, h0, c0, w, b = problem("lstm", 2, 70, 4, seed=9)

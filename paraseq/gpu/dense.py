@@ -285,7 +285,7 @@ class _Problem:
 def _iterate(P: _Problem, *, tol: float, target: float, max_iter: int,
              iterations: int | None):
     x = P.zeros()
-    if P.T == 0:
+    if P.T == 0 or P.B == 0:  # nothing to solve
         return x, 0, [0.0], 0
     G = x.new_zeros(P.B, P.T, P.KH)  # the projection of the zero start
     J, rhs, _, _ = P.linearise(x, G, tol, True)
@@ -332,7 +332,7 @@ class _DenseNewton(torch.autograd.Function):
         info = SolveInfo(method="newton", iterations=k, converged=r <= tol, residual=r,
                          jacobian=f"analytic (fused dense, {where})", tol=tol,
                          residuals=residuals)
-        if P.T and not info.converged and iterations is None:
+        if P.T and P.B and not info.converged and iterations is None:
             name = f"dense_newton ({cell})"
             if on_failure == "raise":
                 raise ConvergenceError(
@@ -359,7 +359,7 @@ class _DenseNewton(torch.autograd.Function):
         P = ctx.P
         (x,) = ctx.saved_tensors
         gd, xd, wd, bd = ctx.in_dtypes
-        if P.T == 0:
+        if P.T == 0 or P.B == 0:
             return (None, None, P.gi.new_zeros(P.gi.shape), torch.zeros_like(P.x0, dtype=xd),
                     torch.zeros_like(P.w, dtype=wd), torch.zeros_like(P.b, dtype=bd), None)
         dgi, dx0, dw, db = P.adjoint(x, gx.to(P.wd).contiguous())
