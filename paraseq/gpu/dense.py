@@ -6,8 +6,8 @@ Shape letters: B batch, T time, H hidden size, K gates (Elman 1, GRU 3, LSTM 4),
 (H; the LSTM 2 H: its state is the concatenation [h, c], and its Jacobian the dense 2 H x 2 H
 matrix over it, scanned as one D x D system).
 
-One Newton iteration from the iterate x (B, T, D) is three launches and no host
-synchronisation:
+One Newton iteration from the iterate x (B, T, D) is three steps, with no host
+synchronisation inside (the tol mode reads one scalar after each iteration):
 
 1. G = h W_hh^T over all B T rows: ONE GEMM (torch.matmul: cuBLAS on a GPU), h the iterate's
    first H features;
@@ -18,15 +18,15 @@ synchronisation:
    the residual of x itself, max_t |x_t - f_t| / (1 + |f_t|) (``paraseq.solve``'s scaled
    residual) with the first step above tol;
 3. ``paraseq.scan.gpu.dense_triton_scan`` over (J, rhs) from x0 (the chunked Triton dense
-   scan, D <= ``DENSE_MAX_D`` = 64), then the new iterate cleaned (nan -> 0, clip to +-1e8,
-   two elementwise ops, as ``paraseq.solve``).
+   scan, D <= ``DENSE_MAX_D`` = 64: 1 launch up to T = 64, 3 up to 4096, 5 up to 262144), then
+   the new iterate cleaned (nan -> 0, clip to +-1e8, two elementwise ops, as paraseq.solve).
 
 The residual of the new iterate is not a pass of its own: the kernel of step 2 forms it from
 the same evaluation of the cell it needs for the next linearisation (a residual needs
 f(x_{t-1}), i.e. G of the new iterate, exactly what the next iteration computes), so an
 iteration costs one GEMM, one kernel and one scan, and the solve's last evaluation forms one
-Jacobian it does not use (skipped at the iteration cap and in fixed-iteration mode). The
-tolerance test reads that residual on the host after each iteration (one scalar).
+Jacobian it does not use (skipped at the iteration cap and in fixed-iteration mode).
+``benchmarks/gpu.py`` counts what one iteration issues (its "op count" rows).
 
 The backward pass at the solution x*: G = h* W_hh^T (a GEMM), the kernel in mode 2 writes
 J_t^T and J_t^T g_t, the reverse dense scan (``dense_triton_scan(reverse=True)``) gives
