@@ -15,7 +15,9 @@ G0 (B, K H) = h0 W_hh^T (cuBLAS GEMMs, without the bias, which is added here); t
 (B, T, D) and x0 (B, D) contiguous in the working dtype; weight_hh (K H, H) contiguous;
 outputs contiguous.
 
-One program owns one batch row and S consecutive steps (grid (B, cdiv(T, S))); it loads the
+One program owns S consecutive steps of one batch row (grid (cdiv(T, S), rows): time on the
+first axis, which has no practical limit, batch on the second, which stops at 65535, so a
+larger batch is launched in slices of rows from n0); it loads the
 K gate blocks W_k (BD x BD tiles: row i reads unit u(i) = i, or i - H on the LSTM's c rows)
 once, then per step t: the gate pre-activations gi_t + G_{t-1} + b_hh and the previous state
 x_{t-1} (x0 at t = 0), the cell, and
@@ -68,11 +70,11 @@ def _state(x_ptr, x0_ptr, n, t, T, D, idx, m, dt: tl.constexpr):
 @triton.jit
 def dense_cell_kernel(gi_ptr, s_gb, s_gt, G_ptr, G0_ptr, w_ptr, b_ptr, x_ptr, x0_ptr, g_ptr,
                       mu_ptr, a_ptr, v_ptr, res_ptr, first_ptr, dgi_ptr, dgh_ptr, dgh0_ptr,
-                      T, H, D, tol,
+                      n0, T, H, D, tol,
                       CELL: tl.constexpr, K: tl.constexpr, MODE: tl.constexpr,
                       STEPS: tl.constexpr, BLOCK_D: tl.constexpr):
-    n = tl.program_id(0)
-    p = tl.program_id(1)
+    p = tl.program_id(0)  # the block of STEPS steps
+    n = n0 + tl.program_id(1).to(tl.int64)  # the batch row
     dt = x_ptr.dtype.element_ty
     KH = K * H
     i = tl.arange(0, BLOCK_D)  # rows (and, as j, columns)
@@ -92,12 +94,12 @@ def dense_cell_kernel(gi_ptr, s_gb, s_gt, G_ptr, G0_ptr, w_ptr, b_ptr, x_ptr, x0
     mm = im[:, None] & (j < D)[None, :]
     rmax = tl.zeros((BLOCK_D,), dtype=dt)
     first = tl.full((BLOCK_D,), T, tl.int32)
-    gbase = n.to(tl.int64) * s_gb
+    gbase = n * s_gb
     for s in range(STEPS):
         t = p * STEPS + s
         tm = t < T
         m = im & tm
-        row = n.to(tl.int64) * T + t
+        row = n * T + t
         goff = gbase + t.to(tl.int64) * s_gt
         xp = _state(x_ptr, x0_ptr, n, t, T, D, i, m, dt)  # (BD,) x_{t-1} by row
         # --- the cell, by row (each unit twice on the LSTM: its h row and its c row)
@@ -167,7 +169,8 @@ def dense_cell_kernel(gi_ptr, s_gb, s_gt, G_ptr, G0_ptr, w_ptr, b_ptr, x_ptr, x0
             else:  # J^T, and J^T g_t
                 tl.store(a_ptr + row * D * D + j[None, :] * D + i[:, None], J, mask=mm & tm)
                 gt = _vec(g_ptr, row * D + i, m, dt)
-                tl.store(v_ptr + row * D + j, tl.sum(J * gt[:, None], axis=0), mask=(j < D) & tm)
+                tl.store(v_ptr + row * D + j, tl.sum(J * gt[:, None], axis=0),
+                         mask=(j < D) & tm)
         if MODE == 3:  # lambda_t = g_t + mu_{t+1}, at the unit's h (and c) feature
             nxt = (t + 1) < T
             lh = _vec(g_ptr, row * D + u, m, dt) + _vec(mu_ptr, (row + 1) * D + u, m & nxt, dt)
@@ -188,10 +191,10 @@ def dense_cell_kernel(gi_ptr, s_gb, s_gt, G_ptr, G0_ptr, w_ptr, b_ptr, x_ptr, x0
                 tl.store(dgh_ptr + sh, gr, mask=shm)
                 tl.store(dgh_ptr + sh + H, gz, mask=shm)
                 tl.store(dgh_ptr + sh + 2 * H, gn, mask=shm)
-                q = n.to(tl.int64) * KH + u
-                tl.store(dgh0_ptr + q, gr, mask=h0m)
-                tl.store(dgh0_ptr + q + H, gz, mask=h0m)
-                tl.store(dgh0_ptr + q + 2 * H, gn, mask=h0m)
+                o0 = n * KH + u  # dgh_0's row
+                tl.store(dgh0_ptr + o0, gr, mask=h0m)
+                tl.store(dgh0_ptr + o0 + H, gz, mask=h0m)
+                tl.store(dgh0_ptr + o0 + 2 * H, gn, mask=h0m)
                 tl.store(dgh_ptr + kh, z0, mask=lastm)
                 tl.store(dgh_ptr + kh + H, z0, mask=lastm)
                 tl.store(dgh_ptr + kh + 2 * H, z0, mask=lastm)
@@ -211,11 +214,11 @@ def dense_cell_kernel(gi_ptr, s_gb, s_gt, G_ptr, G0_ptr, w_ptr, b_ptr, x_ptr, x0
                 tl.store(dgh_ptr + sh + H, d1, mask=shm)
                 tl.store(dgh_ptr + sh + 2 * H, d2, mask=shm)
                 tl.store(dgh_ptr + sh + 3 * H, d3, mask=shm)
-                q = n.to(tl.int64) * KH + u
-                tl.store(dgh0_ptr + q, d0, mask=h0m)
-                tl.store(dgh0_ptr + q + H, d1, mask=h0m)
-                tl.store(dgh0_ptr + q + 2 * H, d2, mask=h0m)
-                tl.store(dgh0_ptr + q + 3 * H, d3, mask=h0m)
+                o0 = n * KH + u  # dgh_0's row
+                tl.store(dgh0_ptr + o0, d0, mask=h0m)
+                tl.store(dgh0_ptr + o0 + H, d1, mask=h0m)
+                tl.store(dgh0_ptr + o0 + 2 * H, d2, mask=h0m)
+                tl.store(dgh0_ptr + o0 + 3 * H, d3, mask=h0m)
                 tl.store(dgh_ptr + kh, z0, mask=lastm)
                 tl.store(dgh_ptr + kh + H, z0, mask=lastm)
                 tl.store(dgh_ptr + kh + 2 * H, z0, mask=lastm)
@@ -224,9 +227,9 @@ def dense_cell_kernel(gi_ptr, s_gb, s_gt, G_ptr, G0_ptr, w_ptr, b_ptr, x_ptr, x0
                 d = lh * R0
                 tl.store(dgi_ptr + kh, d, mask=um)
                 tl.store(dgh_ptr + sh, d, mask=shm)
-                tl.store(dgh0_ptr + n.to(tl.int64) * KH + u, d, mask=h0m)
+                tl.store(dgh0_ptr + n * KH + u, d, mask=h0m)
                 tl.store(dgh_ptr + kh, z0, mask=lastm)
     if MODE == 0 or MODE == 1:
-        out = n * tl.num_programs(1) + p
+        out = n * tl.num_programs(0) + p
         tl.store(res_ptr + out, tl.max(rmax, axis=0))
         tl.store(first_ptr + out, tl.min(first, axis=0))

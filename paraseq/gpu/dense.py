@@ -92,13 +92,17 @@ _CODE = {"gru": 0, "rnn_tanh": 1, "rnn_relu": 2, "lstm": 3}
 STEPS = 16
 """Time steps per program of the cell kernel (untuned: no GPU has run it yet)."""
 
+MAX_GRID_ROWS = 65535
+"""CUDA's limit on a grid's second axis, the batch rows': a larger batch is launched in
+slices."""
+
 
 def warps(block_d: int) -> int:
     """Warps per program of the cell kernel for a BD x BD tile. Untimed: read off ptxas (sm_90,
-    float32, the GRU's forward mode, ``tests/test_gpu_dense.py``'s compile check prints the
-    same): without spills up to BD = 32 at these counts (BD 8 on 1 warp 128 registers, 16 on
-    4 warps 128, 32 on 8 warps 229); BD = 64 holds three 64 x 64 weight tiles and J per
-    program and spills at any count (0.75 KB a thread on 16 warps, 1.2 KB on 8)."""
+    float32; ``tests/test_gpu_dense.py::test_kernel_compiles_for_the_gpu`` holds it): no
+    register spills up to BD = 32 (the LSTM's forward mode, four weight tiles, up to 16; at
+    32 it sits at the 255-register limit and spills a little); BD = 64 holds three or four
+    64 x 64 weight tiles and J per program and spills at any count."""
     return 1 if block_d <= 8 else 4 if block_d <= 16 else 8 if block_d <= 32 else 16
 
 
@@ -149,12 +153,16 @@ def backend_for(device: torch.device, backend: str = "auto", D: int = 1) -> str:
 
 
 def _launch(grid, *args, **kw) -> bool:
-    """Launches the cell kernel; False (and ``BROKEN`` set, one warning) where it fails to
-    compile on a GPU, so that the caller runs the twin instead."""
+    """Launches the cell kernel over grid (step blocks, B), in slices of at most
+    ``MAX_GRID_ROWS`` rows (the kernel's n0); False (and ``BROKEN`` set, one warning) where it
+    fails to compile on a GPU, so that the caller runs the twin instead."""
     global BROKEN
     name = f"dense_cell_kernel/{kw['CELL']}/{kw['MODE']}"
+    blocks, B = grid
     try:
-        _kern().dense_cell_kernel[grid](*args, num_warps=warps(kw["BLOCK_D"]), **kw)
+        for n0 in range(0, B, MAX_GRID_ROWS):
+            _kern().dense_cell_kernel[(blocks, min(MAX_GRID_ROWS, B - n0))](
+                *args[:18], n0, *args[18:], num_warps=warps(kw["BLOCK_D"]), **kw)
     except Exception as err:
         if scan_gpu.interpreted() or name in _LAUNCHED or not _compile_failure(err, name):
             raise  # (a kernel that has run once compiled: its failure is the computation's)
@@ -197,7 +205,7 @@ class _Problem:
 
     def _consts(self, mode: int):
         bd = max(1, 1 << (self.D - 1).bit_length())
-        grid = (self.B, -(-self.T // STEPS))
+        grid = (-(-self.T // STEPS), self.B)  # (step blocks, rows): _launch slices the rows
         return grid, dict(CELL=_CODE[self.cell], K=twin.GATES[self.cell], MODE=mode,
                           STEPS=STEPS, BLOCK_D=bd)
 
