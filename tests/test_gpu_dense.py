@@ -3,10 +3,11 @@ kernel, its pure-torch twin, and the routing of paraseq.nn / solve_recurrence on
 
 Without a GPU the kernel runs through triton's interpreter (TRITON_INTERPRET=1, set by
 conftest.py before triton is imported), which walks every program's steps in NumPy: the
-kernel cases stay tiny (B 1, T 21, H 3), with 8 steps per program (``STEPS`` patched: 21 ends
-inside the third program) and 8-step chunks in the dense scan (two levels). The reference is
-the float64 sequential loop of torch's own cells (torch.gru_cell, rnn_tanh_cell, rnn_relu_cell,
-lstm_cell, fed gi through an identity input weight), and autograd through it.
+kernel cases stay tiny (B 1, T 13 or 21, H 3), with 8 steps per program (``STEPS`` patched:
+both lengths end inside their last program) and 8-step chunks in the dense scan (two
+levels). The reference is the float64 sequential loop of torch's own cells (torch.gru_cell,
+rnn_tanh_cell, rnn_relu_cell, lstm_cell, fed gi through an identity input weight), and
+autograd through it.
 
 Shape letters: B batch, T time, H hidden size, K gates, D state size (LSTM 2 H).
 """
@@ -243,7 +244,7 @@ def test_kernel_solve_matches_the_twin_and_torchs_loop(cell, small_tiles):
     """The whole solve, forward (every iterate's residual) and backward, float64 (the Elman
     cells' kernel modes are checked one by one in the default run, their solves in the slow
     one)."""
-    gi, h0, c0, w, b = problem(cell, 1, 21, 3, seed=21)
+    gi, h0, c0, w, b = problem(cell, 1, 13, 3, seed=21)  # 2 programs of 8 steps, 2 chunks
     ins, c0 = leaves(cell, gi, h0, c0, w, b)
     out = {}
     for backend in ("triton", "torch"):
@@ -270,7 +271,7 @@ def test_kernel_padding_strides_and_fixed_iterations(small_tiles, monkeypatch):
     limit patched to 1), iterations=K fixed: the kernel and the twin reach the same iterate
     and report the same residual, which is the true residual of what is returned."""
     monkeypatch.setattr(gd, "MAX_GRID_ROWS", 1)
-    gi, h0, _, w, b = problem("gru", 2, 19, 5, torch.float32, seed=7, scale=1.5)
+    gi, h0, _, w, b = problem("gru", 2, 13, 5, torch.float32, seed=7, scale=1.5)
     gi_t = gi.transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, 3 H), strides of (T, B, .)
     res = {}
     for backend in ("triton", "torch"):
@@ -285,7 +286,7 @@ def test_kernel_padding_strides_and_fixed_iterations(small_tiles, monkeypatch):
 
 @needs_triton
 def test_kernel_bfloat16_accumulates_in_float32(small_tiles):
-    gi, h0, c0, w, b = problem("lstm", 1, 19, 3, torch.float64, seed=11)
+    gi, h0, c0, w, b = problem("lstm", 1, 13, 3, torch.float64, seed=11)
     low = [t.to(torch.bfloat16) for t in (gi, h0, c0, w, b)]
     states, info = gd.dense_newton("lstm", low[0], low[1], low[3], low[4], low[2],
                                    backend="triton")
@@ -617,7 +618,7 @@ def test_module_runs_the_kernel(monkeypatch, small_tiles):
         pytest.skip("triton was imported without its interpreter")
     torch.manual_seed(3)
     m = pnn.GRU(2, 3, method="newton").double().to(DEVICE)
-    x = torch.randn(21, 1, 2, dtype=torch.float64, device=DEVICE)
+    x = torch.randn(13, 1, 2, dtype=torch.float64, device=DEVICE)
     out, _ = m(x)
     assert m.last_path == "fused newton (triton)"
     ref = torch.nn.GRU(2, 3).double().to(DEVICE)
