@@ -33,6 +33,8 @@ CUDA = torch.cuda.is_available()
 if not CUDA:  # before triton is imported: it reads the variable then
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from gpu_compile import compile_for_sm90  # noqa: E402  (tests/: conftest.py puts it on the path)
+
 import paraseq  # noqa: E402
 from paraseq import nn as pnn  # noqa: E402
 from paraseq.cells import ElmanCell, GRUCell, LSTMCell  # noqa: E402
@@ -296,60 +298,6 @@ def test_kernel_bfloat16_accumulates_in_float32(small_tiles):
     assert err(states, ref) <= 2e-2  # the bf16 rounding of the outputs (states of order one)
 
 
-_COMPILE = r"""
-import json, os, subprocess, sys, tempfile
-sys.path.insert(0, os.getcwd())
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from paraseq.gpu import _dense_kernels as k
-from paraseq.gpu.dense import warps
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-names = ["gi_ptr", "s_gb", "s_gt", "G_ptr", "G0_ptr", "w_ptr", "b_ptr", "x_ptr", "x0_ptr",
-         "g_ptr", "mu_ptr", "a_ptr", "v_ptr", "res_ptr", "first_ptr", "dgi_ptr", "dgh_ptr",
-         "dgh0_ptr", "n0", "T", "H", "D", "tol"]
-for cell, mode, bd in json.loads(sys.argv[1]):
-    types = ["*fp32", "i64", "i64"] + ["*fp32"] * 11 + ["*i32"] + ["*fp32"] * 3 + [
-        "i64", "i32", "i32", "i32", "fp32"]
-    sig = dict(zip(names, types))
-    ce = dict(CELL=cell, K=(3, 1, 1, 4)[cell], MODE=mode, STEPS=16, BLOCK_D=bd)
-    sig.update({n: "constexpr" for n in ce})
-    c = triton.compile(ASTSource(fn=k.dense_cell_kernel, signature=sig, constexprs=ce),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps(bd)})
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(c.asm["ptx"])
-    out = subprocess.run([ptxas, "-v", "-arch=sm_90a", f.name, "-o", os.devnull],
-                         capture_output=True, text=True, check=True).stderr
-    os.unlink(f.name)
-    regs = out.split("Used ")[1].split()[0]
-    stores = out.split(" bytes spill stores")[0].split()[-1]
-    print(json.dumps([cell, mode, bd, len(c.asm["cubin"]), int(regs), int(stores)]))
-"""
-
-
-def _compile_for_sm90(cases):
-    """The kernel compiled by triton for an H100/H200 (sm_90) on this GPU-less machine, PTX
-    to cubin, and ptxas's register and spill counts: [(cell, mode, BD, cubin bytes, registers,
-    spill-store bytes)]. A subprocess: this one runs triton's interpreter."""
-    import json
-    import subprocess
-    import sys
-
-    if CUDA or not TRITON:
-        pytest.skip("a compile-only check for machines without a GPU")
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("triton's nvidia backend (ptxas) is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(cases)], env=env,
-                         cwd=root, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return [json.loads(line) for line in out.stdout.splitlines()]
-
-
 @pytest.mark.parametrize("modes", [[0], pytest.param([1, 2, 3], marks=pytest.mark.slow)])
 def test_kernel_compiles_for_the_gpu(modes):
     """What the interpreter cannot check: that triton's GPU compiler takes the kernel (every
@@ -358,9 +306,15 @@ def test_kernel_compiles_for_the_gpu(modes):
     four weight tiles: up to BD = 16; at 32 it sits at the 255-register limit and spills a
     few dozen bytes a thread)."""
     bds = (16, 32, 64) if modes == [0] else (8, 16, 32, 64)
-    got = _compile_for_sm90([[c, m, bd] for c in range(4) for m in modes for bd in bds])
+    got = compile_for_sm90([
+        dict(module="paraseq.gpu._dense_kernels", kernel="dense_cell_kernel", dtype="fp32",
+             constexprs=dict(CELL=c, K=(3, 1, 1, 4)[c], MODE=m, STEPS=16, BLOCK_D=bd),
+             num_warps=gd.warps(bd)) for c in range(4) for m in modes for bd in bds])
     assert len(got) == 4 * len(modes) * len(bds)
-    for cell, mode, bd, cubin, regs, spill in got:
+    for r in got:
+        cell, mode, bd = r["constexprs"]["CELL"], r["constexprs"]["MODE"], r["constexprs"][
+            "BLOCK_D"]
+        cubin, regs, spill = r["cubin"], r["regs"], r["spill"]
         assert cubin > 0 and regs <= 255
         if bd <= (16 if (cell, mode) == (3, 0) else 32):
             assert spill == 0, (cell, mode, bd, regs, spill)
@@ -730,3 +684,20 @@ def test_cuda_modules_take_the_fused_kernel():
     ref = torch.nn.GRU(8, 64).cuda()
     ref.load_state_dict(m.state_dict())
     assert err(out, ref(x)[0]) <= 1e-4
+
+
+def test_the_dense_scan_kernels_compile_for_the_gpu():
+    """The fused path's scan (``paraseq.scan.gpu.dense_triton_scan``) through triton's GPU
+    compiler too: both kernels, both directions, the broadcast product (BD 4) and tl.dot
+    (BD 64), float32."""
+    cases = []
+    for bd in (4, 64):
+        for rev in (False, True):
+            common = dict(module="paraseq.scan._triton_kernels", dtype="fp32",
+                          num_warps=1 if bd <= 8 else 4)
+            cases.append(dict(common, kernel="dense_chunk_reduce_kernel", constexprs=dict(
+                REVERSE=rev, CHUNK=64, BLOCK_D=bd, USE_DOT=bd >= 16)))
+            cases.append(dict(common, kernel="dense_chunk_apply_kernel", constexprs=dict(
+                REVERSE=rev, CHUNK=64, BLOCK_D=bd)))
+    got = compile_for_sm90(cases)
+    assert len(got) == 8 and all(r["cubin"] > 0 for r in got)
