@@ -21,14 +21,16 @@ it; implicit gradients, no ``init``, analytic Jacobians), while the state fits t
 kernels: D <= ``paraseq.scan.gpu.DENSE_MAX_D`` (64: GRU and Elman hidden <= 64, LSTM
 hidden <= 32). ``last_path`` reads the same labels. Wider states (and the projected LSTM) run
 the general Newton of ``paraseq.solve``, and the modules' ``last_path`` says why:
-"parallel (newton), general path: state D=128 > 64" (``dense_route``).
+"parallel (newton), general path: state D=128 > 64" (``dense_route``; ``DENSE_FUSED =
+False`` sends every dense Newton there, for benchmarks).
 
 The rule for the dense modules (GRU, RNN, LSTM) under ``method="auto"`` on CUDA chooses
-between torch's kernel (cuDNN) and Newton (``solve_recurrence``'s pure-torch iteration on the
-device: the cell over all T steps at once, the analytic dense Jacobians, the dense scan):
-``newton_beats_cudnn``. Its numbers, ``CUDA_RULE``, are UNCALIBRATED: they are read off the
-DEER paper's published GRU figures (V100, batch 16: hidden 1 516x at T = 1e6, hidden 8 25x at
-1e5, hidden 32 4.2x at 3e4, hidden 64 1.3x; 0.4x at hidden 32 on an A100), not measured here.
+between torch's kernel (cuDNN) and Newton (the dense fused path above where the state fits,
+else ``solve_recurrence``'s pure-torch iteration on the device: the cell over all T steps at
+once, the analytic dense Jacobians, the dense scan): ``newton_beats_cudnn``. Its numbers,
+``CUDA_RULE``, are UNCALIBRATED: they are read off the DEER paper's published GRU figures
+(V100, batch 16: hidden 1 516x at T = 1e6, hidden 8 25x at 1e5, hidden 32 4.2x at 3e4,
+hidden 64 1.3x; 0.4x at hidden 32 on an A100), not measured here.
 ``benchmarks/gpu.py`` is to measure the crossover and set them (``CUDA_RULE.calibrated`` names
 the run that did); until then "auto" on CUDA keeps cuDNN except at long sequences with a tiny
 state.
