@@ -25,7 +25,15 @@ failure of one measurement (out of memory, a peer's error) is a row with the err
    sum); the same weights; column ``err``: the largest difference from cuDNN's output;
    ``path``: the module's ``last_path``. Cells ordered by T so that a budget cut loses the
    long ones; an implementation whose time at the previous T extrapolates (linearly in T) past
-   ``--cell-cap`` seconds is skipped at the next.
+   ``--cell-cap`` seconds is skipped at the next. The forced Newton on CUDA is
+   ``paraseq.gpu.dense_newton`` (per iteration a GEMM, one Triton kernel forming the dense
+   Jacobian, the dense Triton scan) where the state fits its kernels (hidden <= 64; ``path``
+   "fused newton (triton)"), the general Newton of ``paraseq.solve`` beyond (hidden 256:
+   "parallel (newton), general path: state D=256 > 64"). At batch 16, float32 and hidden 8
+   and 64, one more row, ``<forced> (general)``, runs the same method with
+   ``paraseq.gpu.routing.DENSE_FUSED = False``: the general torch Newton, which also forms
+   the dense Jacobians, so that ratio is what the fusion buys (no matrix-free variant exists
+   on the GPU: a parallel scan needs the products of the J_t, i.e. the matrices).
 5. ``peers``: paraseq.nn.DiagGRU (auto, and the forced method) against pararnn-torch's
    ParaGRU (``mix="diag"``, ``NewtonConfig(max_iters=3, scan_backend="fused")``) at its own
    setting (B 8, d_h 256, T 2048, K 3) and at T 1e5, the same function (weights mapped by
@@ -369,11 +377,68 @@ def _gru_grid(run: Run):
     return sorted(grid, key=lambda c: (not (c[3] == "float32" and c[2] == 16), c[0]))
 
 
+def dense_iteration_counts(T: int, H: int) -> tuple[int, int, int]:
+    """What one Newton iteration of ``paraseq.gpu.dense_newton`` issues on a GPU, counted on
+    the CPU without one (the Triton kernels counted, not run): (GEMMs, Triton launches, other
+    non-view torch ops), for a GRU of hidden H, batch 1, length T, float32. The iteration:
+    the iterate's hidden projection, the cell kernel (J, rhs, residual), the dense scan, the
+    clean-up of the new iterate, and the one host read of the residual's max."""
+    import types
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from paraseq.gpu import dense
+    from paraseq.scan import gpu
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.gemms = 0, 0
+
+        def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+            gemm = func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm,
+                                           torch.ops.aten.addmm)
+            self.gemms += gemm
+            self.ops += not func.is_view and not gemm
+            return func(*args, **(kwargs or {}))
+
+    launches: list[object] = []
+
+    class Launch:
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append(grid)
+
+    fake = types.SimpleNamespace(dense_chunk_reduce_kernel=Launch(),
+                                 dense_chunk_apply_kernel=Launch(), dense_cell_kernel=Launch())
+    real = gpu._kernels, dense._kernels, gpu.triton_available, set(dense._LAUNCHED)
+    gpu._kernels, dense._kernels = (lambda: fake), fake
+    gpu.triton_available = lambda device=None: True
+    try:
+        gi = torch.zeros(1, T, 3 * H)  # (B, T, 3 H)
+        P = dense._Problem("gru", gi, torch.zeros(1, H), torch.zeros(3 * H, H),
+                           torch.zeros(3 * H), "triton")
+        J, rhs, _, _ = P.linearise(P.zeros(), torch.zeros(1, T, 3 * H), 1e-6, True)
+        launches.clear()
+        with Count() as c:  # one iteration
+            x = P.scan(J, rhs)
+            _, _, r, _ = P.linearise(x, P.project(x), 1e-6, True)
+            float(r.max())
+    finally:  # (the fake launches must not count as compiled kernels: _LAUNCHED restored)
+        gpu._kernels, dense._kernels, gpu.triton_available, dense._LAUNCHED = real
+    return c.gemms, len(launches), c.ops
+
+
 def section_gru(run: Run) -> None:
     import torch
 
     import paraseq.nn as pnn
 
+    for T in (10**3, 10**4, 10**5):  # counted on the CPU in either run: cheap at H = 8
+        gemms, launches, ops = dense_iteration_counts(T, 8)
+        run.add(Row("gru", "op count, one fused Newton iteration", "paraseq.gpu.dense_newton",
+                    "fwd", "float32", 1, 8, T,
+                    note=f"{gemms} GEMM, {launches} Triton launches, {ops} other torch ops"))
     last: dict[tuple, tuple[int, float]] = {}  # (impl, H, B, dtype, pass) -> (T, seconds)
     for T, H, B, dt in _gru_grid(run):
         dtype = getattr(torch, dt)
@@ -388,6 +453,8 @@ def section_gru(run: Run) -> None:
             m = pnn.GRU(H, H, batch_first=True, method=method, device=run.device, dtype=dtype)
             m.load_state_dict(ref.state_dict())
             impls[f"paraseq.nn.GRU {method}"] = m
+        if dt == "float32" and ((B == 16 and H in (8, 64)) or run.dry):  # fused vs general
+            impls[f"paraseq.nn.GRU {run.args.newton_method} (general)"] = _Unfused(m)
         x = torch.randn(B, T, H, device=run.device, dtype=dtype)
         with torch.no_grad():
             want = ref(x)[0].float()
@@ -425,6 +492,27 @@ def section_gru(run: Run) -> None:
                     last[key] = (T, float("inf"))
                     run.add(Row("gru", case, name, pass_, dt, B, H, T, note=_note(exc)))
     _crossover(run)
+
+
+class _Unfused:
+    """A paraseq.nn module run with ``paraseq.gpu.routing.DENSE_FUSED = False``: its Newton on
+    the general path (the backward too: it is routed when the forward runs)."""
+
+    def __init__(self, mod):
+        self.mod = mod
+
+    @property
+    def last_path(self) -> str:
+        return self.mod.last_path
+
+    def __call__(self, x):
+        from paraseq.gpu import routing
+
+        routing.DENSE_FUSED = False
+        try:
+            return self.mod(x)
+        finally:
+            routing.DENSE_FUSED = True
 
 
 def _crossover(run: Run) -> None:

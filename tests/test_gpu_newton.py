@@ -353,6 +353,19 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_the_twin(monkeypatch):
         gn.backend_for(torch.device("cuda"), "triton")
 
 
+def test_kernels_compile_for_the_gpu():
+    """triton's GPU compiler (sm_90, down to the cubin) takes all four kernels, which the
+    interpreter cannot check: a global that is not a constexpr (CLIP) made the forward
+    kernels fail there, and the fused path would have run its twin on every GPU."""
+    from gpu_compile import compile_for_sm90
+
+    got = compile_for_sm90([dict(module="paraseq.gpu._kernels", kernel=k, dtype="fp32",
+                                 constexprs=dict(BLOCK_T=64, BLOCK_D=32), num_warps=4)
+                            for k in ("gru_newton_kernel", "gru_adjoint_kernel",
+                                      "lstm_newton_kernel", "lstm_adjoint_kernel")])
+    assert len(got) == 4 and all(r["cubin"] > 0 for r in got)
+
+
 # ----------------------------------------------------------------------------- routing
 
 

@@ -31,10 +31,14 @@ On CUDA (``paraseq.gpu.routing``, uncalibrated until ``benchmarks/gpu.py`` runs 
 =================  ========================================================  ======================
 fused newton       DiagGRU/DiagLSTM, method "auto", "newton" or               benchmarks/gpu.py
 (triton)           "quasi_newton": ``paraseq.gpu.diag_newton`` (one kernel
-                   per iteration); "(torch twin)" where triton is missing
+                   per iteration); GRU/RNN/LSTM with Newton (forced or by
+                   "auto") and D <= 64: ``paraseq.gpu.dense_newton`` (a
+                   GEMM, a kernel and the dense scan per iteration);
+                   "(torch twin)" where triton is missing
 torch kernel /     dense module, "auto": Newton where                         benchmarks/gpu.py
 parallel (newton)  ``routing.newton_beats_cudnn`` (T >= 1e4, B D^2 <= 1024,
-                   halved when training), else cuDNN
+                   halved when training), else cuDNN; Newton with D > 64
+                   or proj_size: the general path, ", general path: ..."
 =================  ========================================================  ======================
 
 These are the numbers of ``paraseq.solve.choose_method`` (``_CPU_PARALLEL_WORK``) with the
@@ -79,8 +83,9 @@ PATHS = (
          "python benchmarks/nn.py"),
     Path("parallel (quasi_newton)", "DiagGRU, or dense with D = 1, otherwise",
          "python benchmarks/nn.py --part diag"),
-    Path("fused newton (triton)", "CUDA: DiagGRU/DiagLSTM with auto/newton/quasi_newton "
-         "(paraseq.gpu.routing)", "python benchmarks/gpu.py"),
+    Path("fused newton (triton)", "CUDA: DiagGRU/DiagLSTM with auto/newton/quasi_newton; "
+         "GRU/RNN/LSTM with newton and D <= 64 (paraseq.gpu.routing)",
+         "python benchmarks/gpu.py"),
     Path("fused newton (torch twin)", "as above where triton is not installed",
          "python benchmarks/gpu.py"),
 )
@@ -171,7 +176,7 @@ def label(method: str, diagonal: bool, device=None) -> str:
     """What ``last_path`` reads for a method ``choose`` returned ("fused": the fused Newton
     path of ``paraseq.gpu`` on ``device``)."""
     if method == "fused":
-        return gpu_routing.label(device)
+        return gpu_routing.label(device, dense_cell=not diagonal)
     if method == "sequential":
         return "loop" if diagonal else "torch kernel"
     if method == "compiled":

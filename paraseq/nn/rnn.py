@@ -18,7 +18,7 @@ PackedSequence in and out. Keyword-only extras choose how the recurrence is solv
                towards the rounding floor ``FLOOR_TOL`` (see "Accuracy" below); a tol given
                by the caller is solve_recurrence's residual rule exactly, with no refinement
     iterations a fixed iteration count K, for training with K fixed (ParaRNN's habit): the
-               fused Newton path (CUDA, DiagGRU/DiagLSTM) runs exactly K iterations with no
+               fused Newton paths (CUDA, paraseq.gpu) run exactly K iterations with no
                host synchronisation between them; every other parallel path runs at most K
                (stopping early once converged) and returns the iterate as reached, without
                fallback. The residual reached is in ``last_solve_info`` (``converged`` says
@@ -29,7 +29,11 @@ On CUDA, DiagGRU and DiagLSTM with "auto", "newton" or "quasi_newton" run the fu
 ``paraseq.gpu`` (one Triton kernel per iteration and one for the backward; ``last_path``
 "fused newton (triton)", or "(torch twin)" without triton), and "auto" on the dense modules
 follows ``paraseq.gpu.routing.newton_beats_cudnn`` (uncalibrated until benchmarks/gpu.py
-runs on a GPU). CPU behaviour is as described below.
+runs on a GPU). GRU, RNN and LSTM (without proj_size) whose Newton runs there (forced or
+chosen) take ``paraseq.gpu.dense_newton`` (per iteration a GEMM, one Triton kernel and the
+dense Triton scan; the same labels) while the state fits its kernels (D <= 64: hidden <= 64,
+LSTM hidden <= 32); beyond, the general Newton, ``last_path`` "parallel (newton), general
+path: state D=<D> > 64". CPU behaviour is as described below.
 
 How a forward runs. ``method="sequential"`` calls torch's own fused kernels (torch.gru,
 torch.lstm, ...): exactly torch.nn's numbers at torch.nn's speed. A parallel method runs each
@@ -95,9 +99,10 @@ Every forward of a parallel path leaves the ``SolveInfo`` of each layer and dire
 ``module.last_solve_info`` (a list, layer-major; empty after a sequential forward; its
 iterations and residuals include the refinement), and names its path in
 ``module.last_path``: "torch kernel", "compiled loop", "loop" (the diagonal modules'
-sequential path), or "parallel (<method>)", followed by ", fell back at t=<first step>
-(<k> of <n> solves)" when a solve fell back (``on_failure="fallback"``: finished by a restart
-or the sequential loop from that step on).
+sequential path), "parallel (<method>)" (on CUDA with ", general path: <why>" where a dense
+Newton could not take the fused kernel), or "fused newton (triton)" / "(torch twin)" (CUDA),
+followed by ", fell back at t=<first step> (<k> of <n> solves)" when a solve fell back
+(``on_failure="fallback"``: finished by a restart or the sequential loop from that step on).
 """
 
 from __future__ import annotations
@@ -382,10 +387,19 @@ class _RNNBase(nn.Module):
         check_length(type(self).__name__, T)
         training = self._wants_grad(x, hx)
         method = self._choose(x, T, B, training)
-        if self._diagonal and method in ("newton", "quasi_newton") and _gpu_routing.serves(x):
-            method = "fused"  # paraseq.gpu's fused Newton (CUDA)
+        unfused = ""  # why a Newton on the fused path's device runs the general path
+        if method in ("newton", "quasi_newton") and _gpu_routing.serves(x):
+            if self._diagonal:
+                method = "fused"  # paraseq.gpu's fused Newton (CUDA)
+            else:
+                cell, unfused = _gpu_routing.dense_route(self.mode, self.hidden_size, method,
+                                                         self.proj_size)
+                if cell is not None:
+                    method = "fused"  # paraseq.gpu's dense fused Newton (CUDA)
         self.last_solve_info = []
         self.last_path = _paths.label(method, self._diagonal, x.device)
+        if unfused:
+            self.last_path += f", {unfused}"
         if B == 0:  # an empty batch: nothing to run, but a graph to backpropagate, as torch's
             link = sum((w.sum() * 0 for w in self._flat_weights), x.sum() * 0)
             out = x.new_zeros(T, 0, self._dirs * self._hout) + link
@@ -597,10 +611,12 @@ class _RNNBase(nn.Module):
 
     @eager
     def _fused_newton(self, gi: Tensor, h0: tuple[Tensor, ...], p: dict[str, Tensor]):
-        """One layer and direction of DiagGRU/DiagLSTM by ``paraseq.gpu.diag_newton`` (the
-        fused kernels): tol=None accepts at ``DEFAULT_TOL`` and aims at ``FLOOR_TOL``
-        (bfloat16/float16: ``paraseq.gpu.LOW_PRECISION_TOL``, solved in float32);
+        """One layer and direction of DiagGRU/DiagLSTM by ``paraseq.gpu.diag_newton``, or of
+        GRU/RNN/LSTM by ``paraseq.gpu.dense_newton`` (the fused kernels): tol=None accepts at
+        ``DEFAULT_TOL`` and aims at ``FLOOR_TOL`` (bfloat16/float16:
+        ``paraseq.gpu.LOW_PRECISION_TOL``, solved in float32);
         ``iterations=K`` runs exactly K iterations and reports the residual reached."""
+        from ..gpu import dense as gpu_dense
         from ..gpu import newton as gpu_newton
 
         if self.tol is not None:
@@ -615,6 +631,11 @@ class _RNNBase(nn.Module):
             cap = self.max_iter if self.max_iter is not None else \
                 min(DEFAULT_MAX_ITER["newton"], T) + _REFINE_MAX_ITER
         lstm = self.mode == "LSTM"
+        if not self._diagonal:  # GRU, RNN, LSTM: the dense kernel (paraseq.gpu.dense)
+            return gpu_dense.dense_newton(
+                _gpu_routing.MODE_CELLS[self.mode], gi, h0[0], p["weight_hh"],
+                p.get("bias_hh"), h0[1] if lstm else None, tol=accept, target=target,
+                max_iter=cap, iterations=self._fixed_iterations, on_failure=self.on_failure)
         return gpu_newton.diag_newton(
             "lstm" if lstm else "gru", gi, h0[0], p["weight_hh"], p.get("bias_hh"),
             h0[1] if lstm else None, tol=accept, target=target, max_iter=cap,

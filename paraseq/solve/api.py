@@ -284,24 +284,49 @@ def _compiled_route(cell, method: str, name: str, X: Tensor, grad: str, init,
     return None
 
 
-def _fused_route(cell, method: str, X: Tensor, grad: str, init, jacobian: str) -> bool:
-    """Whether paraseq.gpu's fused Newton serves this solve: DiagGRUCell/DiagLSTMCell (exactly
-    those types) on a device of ``paraseq.gpu.routing.DEVICES`` (CUDA), method "auto",
-    "newton" or "quasi_newton", implicit gradients, no init, analytic Jacobians."""
+def _fused_route(cell, method: str, X: Tensor, grad: str, init, jacobian: str,
+                 name: str = "newton") -> bool:
+    """Whether paraseq.gpu's fused Newton serves this solve, on a device of
+    ``paraseq.gpu.routing.DEVICES`` (CUDA) with implicit gradients, no init and analytic
+    Jacobians: DiagGRUCell/DiagLSTMCell (exactly those types) with method "auto", "newton" or
+    "quasi_newton"; GRUCell/ElmanCell/LSTMCell with Newton (``method`` "newton", or "auto"
+    whose choice ``name`` is Newton) and a state that fits the dense kernels (D <= 64)."""
     from ..cells import modules
     from ..gpu import routing
 
-    if type(cell) not in (modules.DiagGRUCell, modules.DiagLSTMCell) or not routing.serves(X):
+    if not routing.serves(X) or grad != "implicit" or init is not None \
+            or jacobian not in ("auto", "analytic") or X.shape[0] == 0:
         return False
-    if method not in ("auto", "newton", "quasi_newton") or grad != "implicit" \
-            or init is not None or jacobian not in ("auto", "analytic") or X.shape[0] == 0:
+    if type(cell) in (modules.DiagGRUCell, modules.DiagLSTMCell):
+        if method not in ("auto", "newton", "quasi_newton"):
+            return False
+    elif _dense_mode_of(cell) is not None:
+        if routing.dense_route(_dense_mode_of(cell), cell.hidden_size,
+                               name if method == "auto" else method)[0] is None:
+            return False
+    else:
         return False
     return all(p.device == X.device for p in cell.parameters())
 
 
+def _dense_mode_of(cell) -> str | None:
+    """paraseq.nn's mode of a dense built-in cell (exactly GRUCell, LSTMCell, ElmanCell), or
+    None."""
+    from ..cells import modules
+
+    if type(cell) is modules.GRUCell:
+        return "GRU"
+    if type(cell) is modules.LSTMCell:
+        return "LSTM"
+    if type(cell) is modules.ElmanCell:
+        return "RNN_TANH" if cell.nonlinearity == "tanh" else "RNN_RELU"
+    return None
+
+
 def _run_fused(cell, X: Tensor, h0: Tensor, layout: StateLayout, tol: float,
                max_iter: int | None, on_failure: str) -> tuple[Tensor, SolveInfo]:
-    """The fused Newton of ``paraseq.gpu`` for DiagGRUCell/DiagLSTMCell: (H (B, T, D), info)."""
+    """The fused Newton of ``paraseq.gpu`` for DiagGRUCell/DiagLSTMCell and, dense, for
+    GRUCell/ElmanCell/LSTMCell: (H (B, T, D), info)."""
     import torch.nn.functional as F
 
     from ..gpu import newton as gpu_newton
@@ -310,6 +335,12 @@ def _run_fused(cell, X: Tensor, h0: Tensor, layout: StateLayout, tol: float,
     lstm = layout.is_tuple
     gi = F.linear(X, cell.weight_ih, cell.bias_ih)  # (B, T, K H)
     h, c = (h0[:, :Hs], h0[:, Hs:]) if lstm else (h0, None)
+    if _dense_mode_of(cell) is not None:  # the dense kernel: its state is [h, c], the layout's
+        from ..gpu import dense, routing
+
+        kind = routing.MODE_CELLS[_dense_mode_of(cell)]
+        return dense.dense_flat(kind, gi, h0, cell.weight_hh, cell.bias_hh, tol=tol,
+                                max_iter=max_iter, on_failure=on_failure)
     states, info = gpu_newton.diag_newton("lstm" if lstm else "gru", gi, h, cell.weight_hh,
                                           cell.bias_hh, c, tol=tol, max_iter=max_iter,
                                           on_failure=on_failure)
@@ -576,7 +607,10 @@ def solve_recurrence(
     Jacobians) take ``paraseq.gpu``'s fused Newton instead: one Triton kernel per iteration,
     exact Newton for both methods, at this function's ``tol``, ``max_iter`` and
     ``on_failure`` (``info.jacobian`` "analytic (fused, triton kernel)", or "(fused, torch
-    twin)" without triton).
+    twin)" without triton); so do GRUCell, ElmanCell and LSTMCell with Newton (``"newton"``,
+    or ``"auto"`` choosing it) while their state fits the dense kernels (D <= 64):
+    ``paraseq.gpu.dense_newton``, ``info.jacobian`` "analytic (fused dense, triton kernel)"
+    (or "(fused dense, torch twin)").
 
     Under torch.compile the solve runs eagerly (``torch.compiler.disable``; a graph break in
     a compiled caller): its loop stops on a data-dependent test on the host, which Dynamo would
@@ -655,7 +689,7 @@ def solve_recurrence(
         name = "sequential"
         info.method = "sequential"
         m = METHODS[name]
-    if _fused_route(cell, method, X, grad, init, jacobian):
+    if _fused_route(cell, method, X, grad, init, jacobian, name):
         H, info = _run_fused(cell, X, h0_flat, layout, tol, max_iter, on_failure)
         return done(H)
     route = _compiled_route(cell, method, name, X, grad, init, jacobian)
