@@ -536,6 +536,7 @@ def test_cuda_kernels_match_the_twin(kind, dtype):
         res[backend] = (s, info, grads(kind, s, ins))
     (ks, ki, kg), (ts, ti, tg) = res["triton"], res["torch"]
     assert ki.converged and ti.converged
+    assert ki.jacobian.endswith("triton kernel)")  # the kernel ran, not the twin's fallback
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert err(ks, ts) <= tol
     assert err(ks, loop(kind, ins[0], ins[1], c0, ins[2], ins[3])) <= tol
@@ -554,3 +555,16 @@ def test_cuda_modules_take_the_fused_kernels():
     ref = pnn.DiagGRU(8, 64, method="sequential").cuda()
     ref.load_state_dict(m.state_dict())
     assert err(out, ref(x)[0]) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_empty_batch(kind):
+    """No rows: empty states, zero gradients, no reduction over nothing."""
+    gi, h0, c0, w, b = problem(kind, 0, 9, 4)
+    ins, c0 = leaves(gi, h0, c0, w, b)
+    s, info = gn.diag_newton(kind, ins[0], ins[1], ins[2], ins[3], c0, backend="torch")
+    assert all(t.shape == (0, 9, 4) for t in (s if isinstance(s, tuple) else (s,)))
+    assert info.iterations == 0
+    gs = torch.autograd.grad(sum(t.sum() for t in (s if isinstance(s, tuple) else (s,))),
+                             ins, allow_unused=True)
+    assert all(g is None or not g.any() for g in gs)

@@ -262,7 +262,7 @@ class _Problem:
 def _iterate(P: _Problem, *, tol: float, target: float, max_iter: int, iterations: int | None):
     h = P.zeros()
     c = P.zeros() if P.kind == "lstm" else None
-    if P.T == 0:
+    if P.T == 0 or P.B == 0:  # nothing to solve
         return h, c, 0, [0.0], 0
     if iterations is not None:  # fixed: no host synchronisation until the end
         first = torch.zeros((), dtype=torch.int64)
@@ -307,7 +307,7 @@ class _DiagNewton(torch.autograd.Function):
         where = "triton kernel" if P.backend == "triton" else "torch twin"
         info = SolveInfo(method="newton", iterations=k, converged=r <= tol, residual=r,
                          jacobian=f"analytic (fused, {where})", tol=tol, residuals=residuals)
-        if P.T and not info.converged and iterations is None:
+        if P.T and P.B and not info.converged and iterations is None:
             name = f"diag_newton ({kind})"
             if on_failure == "raise":
                 raise ConvergenceError(
@@ -343,8 +343,12 @@ class _DiagNewton(torch.autograd.Function):
             gh = torch.zeros_like(h)
         if c is not None and gc is None:
             gc = torch.zeros_like(c)
-        dgi, dh0, dc0, dw, db = P.adjoint(h, c, gh.to(P.wd), None if c is None else gc.to(P.wd))
         gd, hd, cd, wd, bd = ctx.in_dtypes
+        if P.T == 0 or P.B == 0:  # nothing was solved: zero gradients
+            return (None, None, torch.zeros_like(P.gi, dtype=gd), torch.zeros_like(P.h0, dtype=hd),
+                    None if P.c0 is None else torch.zeros_like(P.c0, dtype=cd),
+                    torch.zeros_like(P.w, dtype=wd), torch.zeros_like(P.b, dtype=bd), None)
+        dgi, dh0, dc0, dw, db = P.adjoint(h, c, gh.to(P.wd), None if c is None else gc.to(P.wd))
         return (None, None, dgi.to(gd), dh0.to(hd), None if dc0 is None else dc0.to(cd),
                 dw.to(wd), db.to(bd), None)
 
