@@ -124,7 +124,8 @@ def supported(x: Tensor) -> bool:
 _VEC_HELPERS = {simd: ("_tanh_from_expm1",),
                 cellmath: ("_gru_f", "_gru_b", "_elman_f", "_elman_b", "_lstm_f", "_lstm_b",
                            "_res", "_gru_newton", "_elman_newton", "_lstm_newton",
-                           "_lstm_quasi")}
+                           "_lstm_quasi"),
+                rows: ("_mv",)}
 _ENTRY = {lanes: ("_lanes_fwd", "_lanes_bwd", "_lanes_newton"),
           rows: ("_rows_fwd", "_rows_bwd", "_rows_newton"),
           diag: ("_diag_newton",)}
