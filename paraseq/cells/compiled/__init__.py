@@ -166,7 +166,8 @@ def _build() -> dict:
         linked = {name: getattr(simd, name) for name in simd._LINKED}
         for mod, names in _VEC_HELPERS.items():
             for name in names:
-                linked[name] = numba.njit(cache=True)(getattr(mod, name))
+                inline = "always" if name in getattr(mod, "_INLINE", ()) else "never"
+                linked[name] = numba.njit(cache=True, inline=inline)(getattr(mod, name))
                 _stamp(linked[name], stamp)
         # the kernel modules imported the stubs: bind the intrinsics and compiled helpers
         # wherever a module names them (numba resolves a function's globals when it compiles)
@@ -187,15 +188,25 @@ def _build() -> dict:
 # ----------------------------------------------------------------------------- the loops
 
 
+_SAVE_GATES_MIN_P = 32
+"""The rows kernel keeps W_hh h_{t-1} + b_hh of every step for the reverse sweep (memory
+B T G Hp, about gi's size) when a gradient will be taken and the state has at least this many
+units; the sweep otherwise recomputes it, a third of its multiply-adds. Below, the product is
+cheap and the padded buffer large against gi (H = 1: 16 floats a gate per step)."""
+
+
 def _forward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Tensor,
-             bias_hh: Tensor, weight_hr: Tensor | None):
-    """Runs the forward kernel: h (B, T, P) and, for the LSTM, c (B, T, H)."""
+             bias_hh: Tensor, weight_hr: Tensor | None, save: bool = False):
+    """Runs the forward kernel: h (B, T, P) and, for the LSTM, c (B, T, H), the kernel's name
+    and, where ``save`` asks for it and the rows kernel keeps them (``_SAVE_GATES_MIN_P``),
+    W_hh h_{t-1} + b_hh of every step for ``_backward`` (else None)."""
     B, T, K = gi.shape
     NQ = _NGATES[cell]
     H = K // NQ
     P = h0.shape[-1]
     if B * T == 0:
-        return gi.new_zeros(B, T, P), (gi.new_zeros(B, T, H) if cell == _LSTM else None), "-"
+        return (gi.new_zeros(B, T, P), (gi.new_zeros(B, T, H) if cell == _LSTM else None), "-",
+                None)
     kernel, nt = _plan(B, T, H, P, K, gi.dtype)
     lanes = kernel == "lanes"
     W = _width(gi.dtype)
@@ -210,6 +221,10 @@ def _forward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Te
     h0f = _vec(h0)
     c0f = _vec(c0) if lstm else wts.empty
     k = _build()
+    ghb = None
+    if not lanes and save and not wts.diag and P >= _SAVE_GATES_MIN_P:
+        ghb = _alloc((T, B, NQ * wts.Hp), gi.dtype)
+    ghf = ghb.view(-1).numpy() if ghb is not None else wts.empty
     if lanes:
         def part(lo, hi):
             k["_lanes_fwd"](cell, gif, gs, h0f, c0f, wts.w, wts.wd, wts.bh, wts.diag, wts.whr,
@@ -217,15 +232,16 @@ def _forward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Te
     else:
         def part(lo, hi):
             k["_rows_fwd"](cell, gif, gs, h0f, c0f, wts.wT, wts.wd, wts.bh, wts.diag, wts.whrT,
-                           ohf, ohs, ocf, ocs, T, H, P, lo, hi, vw)
+                           ohf, ohs, ocf, ocs, ghf, T, H, P, lo, hi, vw)
     _run_split(part, B, W, nt, lanes)
-    return oh, oc, kernel
+    return oh, oc, kernel, ghb
 
 
 def _backward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Tensor,
               bias_hh: Tensor, weight_hr: Tensor | None, oh: Tensor, oc: Tensor | None,
-              g_h: Tensor | None, g_c: Tensor | None, kernel: str):
-    """The adjoint sweep: (dgi, dh0, dc0, dweight_hh, dbias_hh, dweight_hr)."""
+              g_h: Tensor | None, g_c: Tensor | None, kernel: str, ghb: Tensor | None = None):
+    """The adjoint sweep: (dgi, dh0, dc0, dweight_hh, dbias_hh, dweight_hr); ghb: what
+    ``_forward`` kept, or None."""
     B, T, K = gi.shape
     NQ = _NGATES[cell]
     H = K // NQ
@@ -276,6 +292,7 @@ def _backward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: T
                     dwhr.view(P, H, W).sum(2) if proj else None)
     else:
         Hp, Pp = wts.Hp, wts.Pp
+        gsf = wts.empty if ghb is None else ghb.view(-1).numpy()
 
         def part(lo, hi):
             dw = torch.zeros(0 if diag else K * Pp, dtype=dtype)
@@ -284,8 +301,8 @@ def _backward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: T
             dwhr = torch.zeros(P * Hp if proj else 0, dtype=dtype)
             k["_rows_bwd"](cell, gif, gs, h0f, c0f, wts.wT, wts.wd, wts.bh, diag, wts.whrT,
                            ohf, ohs, ocf, ocs, ghf, ghs, gcf, gcs, dgif, dgs, dh0f, dc0f, wts.wR,
-                           wts.whr, dw.numpy(), dwd.numpy(), dbh.numpy(), dwhr.numpy(), T, H, P,
-                           lo, hi, vw)
+                           wts.whr, dw.numpy(), dwd.numpy(), dbh.numpy(), dwhr.numpy(), gsf, T, H,
+                           P, lo, hi, vw)
             dwh = (dwd.view(NQ, Hp)[:, :H].reshape(K) if diag
                    else dw.view(K, Pp)[:, :P])
             return (dwh, dbh.view(NQ, Hp)[:, :H].reshape(K),
@@ -306,8 +323,9 @@ class _Sequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cell, gi, h0, c0, weight_hh, bias_hh, weight_hr):
-        oh, oc, kernel = _forward(cell, gi, h0, c0, weight_hh, bias_hh, weight_hr)
-        ctx.cell, ctx.kernel = cell, kernel
+        oh, oc, kernel, ghb = _forward(cell, gi, h0, c0, weight_hh, bias_hh, weight_hr,
+                                       save=any(ctx.needs_input_grad))
+        ctx.cell, ctx.kernel, ctx.ghb = cell, kernel, ghb
         ctx.save_for_backward(gi, h0, c0, weight_hh, bias_hh, weight_hr, oh, oc)
         if cell == _LSTM:
             return oh, oc
@@ -318,7 +336,8 @@ class _Sequence(torch.autograd.Function):
     def backward(ctx, g_h, g_c=None):
         gi, h0, c0, weight_hh, bias_hh, weight_hr, oh, oc = ctx.saved_tensors
         dgi, dh0, dc0, dwh, dbh, dwhr = _backward(ctx.cell, gi, h0, c0, weight_hh, bias_hh,
-                                                  weight_hr, oh, oc, g_h, g_c, ctx.kernel)
+                                                  weight_hr, oh, oc, g_h, g_c, ctx.kernel,
+                                                  ctx.ghb)
         return None, dgi, dh0, dc0, dwh, dbh, dwhr
 
 

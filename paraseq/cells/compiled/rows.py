@@ -31,6 +31,7 @@ from .cellmath import (
 from .simd import (
     _clip,
     _ld,
+    _sload,
     _st,
     _vfull,
     _vload,
@@ -40,14 +41,19 @@ from .simd import (
     _vstore,
 )
 
+_INLINE = ("_mv",)
+"""Helpers that numba inlines into the kernels (``compiled._build``): a call per step cost
+the rows kernel at small sizes."""
 
-def _mv(dst, d0, dbs, src, s0, sbs, w, R, nq, nk, sq, si, nb, nv, vw):
+
+def _mv(dst, d0, dbs, ini, i0, ibs, src, s0, sbs, w, R, nq, nk, sq, si, nb, nv, vw):
     """The recurrent products of nb batch rows at once: for rows b < nb and o < nv W,
-    dst[d0 + b dbs + o] += sum over q < nq, i < nk of w[(q nk + i) R + o] src[s0 + b sbs +
-    q sq + i si]. Tiles of four rows by four vectors (sixteen accumulators held in registers
-    across the sum), so that each vector of w loaded serves four rows: a row at a time streamed
-    all of w through the caches per row and step. Every row sums in the same order whatever
-    tile it falls in (a row's result does not depend on the rows around it)."""
+    dst[d0 + b dbs + o] = ini[i0 + b ibs + o] + the sum over q < nq, i < nk of
+    w[(q nk + i) R + o] src[s0 + b sbs + q sq + i si] (ini may be dst itself). Tiles of four
+    rows by four vectors (sixteen accumulators held in registers across the sum), so that each
+    vector of w loaded serves four rows: a row at a time streamed all of w through the caches
+    per row and step. Every row sums in the same order whatever tile it falls in (a row's
+    result does not depend on the rows around it)."""
     W = len(vw)
     b = 0
     while b + 4 <= nb:
@@ -55,6 +61,10 @@ def _mv(dst, d0, dbs, src, s0, sbs, w, R, nq, nk, sq, si, nb, nv, vw):
         p1 = p0 + dbs
         p2 = p1 + dbs
         p3 = p2 + dbs
+        e0 = i0 + b * ibs
+        e1 = e0 + ibs
+        e2 = e1 + ibs
+        e3 = e2 + ibs
         r0 = s0 + b * sbs
         r1 = r0 + sbs
         r2 = r1 + sbs
@@ -62,22 +72,22 @@ def _mv(dst, d0, dbs, src, s0, sbs, w, R, nq, nk, sq, si, nb, nv, vw):
         v = 0
         while v + 4 <= nv:
             o = v * W
-            a00 = _vload(dst, p0 + o, vw)
-            a01 = _vload(dst, p0 + o + W, vw)
-            a02 = _vload(dst, p0 + o + 2 * W, vw)
-            a03 = _vload(dst, p0 + o + 3 * W, vw)
-            a10 = _vload(dst, p1 + o, vw)
-            a11 = _vload(dst, p1 + o + W, vw)
-            a12 = _vload(dst, p1 + o + 2 * W, vw)
-            a13 = _vload(dst, p1 + o + 3 * W, vw)
-            a20 = _vload(dst, p2 + o, vw)
-            a21 = _vload(dst, p2 + o + W, vw)
-            a22 = _vload(dst, p2 + o + 2 * W, vw)
-            a23 = _vload(dst, p2 + o + 3 * W, vw)
-            a30 = _vload(dst, p3 + o, vw)
-            a31 = _vload(dst, p3 + o + W, vw)
-            a32 = _vload(dst, p3 + o + 2 * W, vw)
-            a33 = _vload(dst, p3 + o + 3 * W, vw)
+            a00 = _vload(ini, e0 + o, vw)
+            a01 = _vload(ini, e0 + o + W, vw)
+            a02 = _vload(ini, e0 + o + 2 * W, vw)
+            a03 = _vload(ini, e0 + o + 3 * W, vw)
+            a10 = _vload(ini, e1 + o, vw)
+            a11 = _vload(ini, e1 + o + W, vw)
+            a12 = _vload(ini, e1 + o + 2 * W, vw)
+            a13 = _vload(ini, e1 + o + 3 * W, vw)
+            a20 = _vload(ini, e2 + o, vw)
+            a21 = _vload(ini, e2 + o + W, vw)
+            a22 = _vload(ini, e2 + o + 2 * W, vw)
+            a23 = _vload(ini, e2 + o + 3 * W, vw)
+            a30 = _vload(ini, e3 + o, vw)
+            a31 = _vload(ini, e3 + o + W, vw)
+            a32 = _vload(ini, e3 + o + 2 * W, vw)
+            a33 = _vload(ini, e3 + o + 3 * W, vw)
             for q in range(nq):
                 for i in range(nk):
                     k = (q * nk + i) * R + o
@@ -86,22 +96,22 @@ def _mv(dst, d0, dbs, src, s0, sbs, w, R, nq, nk, sq, si, nb, nv, vw):
                     w1 = _vload(w, k + W, vw)
                     w2 = _vload(w, k + 2 * W, vw)
                     w3 = _vload(w, k + 3 * W, vw)
-                    x = src[r0 + s]
+                    x = _sload(src, r0 + s)
                     a00 = a00 + w0 * x
                     a01 = a01 + w1 * x
                     a02 = a02 + w2 * x
                     a03 = a03 + w3 * x
-                    x = src[r1 + s]
+                    x = _sload(src, r1 + s)
                     a10 = a10 + w0 * x
                     a11 = a11 + w1 * x
                     a12 = a12 + w2 * x
                     a13 = a13 + w3 * x
-                    x = src[r2 + s]
+                    x = _sload(src, r2 + s)
                     a20 = a20 + w0 * x
                     a21 = a21 + w1 * x
                     a22 = a22 + w2 * x
                     a23 = a23 + w3 * x
-                    x = src[r3 + s]
+                    x = _sload(src, r3 + s)
                     a30 = a30 + w0 * x
                     a31 = a31 + w1 * x
                     a32 = a32 + w2 * x
@@ -125,18 +135,18 @@ def _mv(dst, d0, dbs, src, s0, sbs, w, R, nq, nk, sq, si, nb, nv, vw):
             v += 4
         while v < nv:
             o = v * W
-            a0 = _vload(dst, p0 + o, vw)
-            a1 = _vload(dst, p1 + o, vw)
-            a2 = _vload(dst, p2 + o, vw)
-            a3 = _vload(dst, p3 + o, vw)
+            a0 = _vload(ini, e0 + o, vw)
+            a1 = _vload(ini, e1 + o, vw)
+            a2 = _vload(ini, e2 + o, vw)
+            a3 = _vload(ini, e3 + o, vw)
             for q in range(nq):
                 for i in range(nk):
                     w0 = _vload(w, (q * nk + i) * R + o, vw)
                     s = q * sq + i * si
-                    a0 = a0 + w0 * src[r0 + s]
-                    a1 = a1 + w0 * src[r1 + s]
-                    a2 = a2 + w0 * src[r2 + s]
-                    a3 = a3 + w0 * src[r3 + s]
+                    a0 = a0 + w0 * _sload(src, r0 + s)
+                    a1 = a1 + w0 * _sload(src, r1 + s)
+                    a2 = a2 + w0 * _sload(src, r2 + s)
+                    a3 = a3 + w0 * _sload(src, r3 + s)
             _vstore(dst, p0 + o, a0)
             _vstore(dst, p1 + o, a1)
             _vstore(dst, p2 + o, a2)
@@ -145,18 +155,19 @@ def _mv(dst, d0, dbs, src, s0, sbs, w, R, nq, nk, sq, si, nb, nv, vw):
         b += 4
     while b < nb:
         p0 = d0 + b * dbs
+        e0 = i0 + b * ibs
         r0 = s0 + b * sbs
         v = 0
         while v + 4 <= nv:
             o = v * W
-            a0 = _vload(dst, p0 + o, vw)
-            a1 = _vload(dst, p0 + o + W, vw)
-            a2 = _vload(dst, p0 + o + 2 * W, vw)
-            a3 = _vload(dst, p0 + o + 3 * W, vw)
+            a0 = _vload(ini, e0 + o, vw)
+            a1 = _vload(ini, e0 + o + W, vw)
+            a2 = _vload(ini, e0 + o + 2 * W, vw)
+            a3 = _vload(ini, e0 + o + 3 * W, vw)
             for q in range(nq):
                 for i in range(nk):
                     k = (q * nk + i) * R + o
-                    x = src[r0 + q * sq + i * si]
+                    x = _sload(src, r0 + q * sq + i * si)
                     a0 = a0 + _vload(w, k, vw) * x
                     a1 = a1 + _vload(w, k + W, vw) * x
                     a2 = a2 + _vload(w, k + 2 * W, vw) * x
@@ -168,20 +179,23 @@ def _mv(dst, d0, dbs, src, s0, sbs, w, R, nq, nk, sq, si, nb, nv, vw):
             v += 4
         while v < nv:
             o = v * W
-            a0 = _vload(dst, p0 + o, vw)
+            a0 = _vload(ini, e0 + o, vw)
             for q in range(nq):
                 for i in range(nk):
-                    a0 = a0 + _vload(w, (q * nk + i) * R + o, vw) * src[r0 + q * sq + i * si]
+                    x = _sload(src, r0 + q * sq + i * si)
+                    a0 = a0 + _vload(w, (q * nk + i) * R + o, vw) * x
             _vstore(dst, p0 + o, a0)
             v += 1
         b += 1
 
 
-def _rows_fwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, T, H, P, lo, hi,
-              vw):
+def _rows_fwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, ghb, T, H, P, lo,
+              hi, vw):
     """Rows [lo, hi) advance together, one step at a time: the recurrent products of all of
     them in one pass over the weights (``_mv``), then each row's units, vectors over W units.
-    Padded (zeros beyond H or P): wT (P, NQ Hp), wd and bh (NQ Hp), whrT (H, Pp)."""
+    Padded (zeros beyond H or P): wT (P, NQ Hp), wd and bh (NQ Hp), whrT (H, Pp). ghb, unless
+    empty: W_hh h_{t-1} + b_hh of every row and step is kept there, (T, B, NQ Hp), for the
+    reverse sweep (which otherwise recomputes it)."""
     W = len(vw)
     NQ = _NGATES_T[cell]
     Hp = (H + W - 1) // W * W
@@ -196,7 +210,9 @@ def _rows_fwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, T,
     hS = np.zeros(nb * Mp, dtype=dt)  # (nb, Mp): the rows' states, zero beyond P
     cS = np.zeros(nb * Hp if lstm else 1, dtype=dt)  # (nb, Hp)
     mS = np.zeros(Hp, dtype=dt)
-    gh = np.empty(nb * R, dtype=dt)  # (nb, NQ Hp): W_hh h + b_hh
+    save = ghb.shape[0] > 0
+    gh = ghb if save else np.empty(nb * R, dtype=dt)  # (nb, NQ Hp) per step: W_hh h + b_hh
+    Bt = ghb.shape[0] // (T * R) if save else 0  # the whole batch
     sb, st, sj = gs
     ob, ot, oi = ohs
     cb, ct, ci = ocs
@@ -207,22 +223,21 @@ def _rows_fwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, T,
             for i in range(H):
                 cS[r * Hp + i] = c0[(lo + r) * H + i]
     for t in range(T):
-        for r in range(nb):
-            for q in range(NQ):
-                for ib in range(Hp // W):
-                    o = q * Hp + ib * W
-                    if diag:
-                        _vstore(gh, r * R + o, _vload(wd, o, vw) * _vload(hS, r * Mp + ib * W, vw)
-                                + _vload(bh, o, vw))
-                    else:
-                        _vstore(gh, r * R + o, _vload(bh, o, vw))
-        if not diag:
-            _mv(gh, 0, R, hS, 0, Mp, wT, R, 1, P, 0, 1, nb, R // W, vw)
+        ga = (t * Bt + lo) * R if save else 0  # this step's rows of gh
+        if diag:
+            for r in range(nb):
+                for q in range(NQ):
+                    for ib in range(Hp // W):
+                        o = q * Hp + ib * W
+                        _vstore(gh, ga + r * R + o, _vload(wd, o, vw)
+                                * _vload(hS, r * Mp + ib * W, vw) + _vload(bh, o, vw))
+        else:  # gh = b_hh + W_hh h of every row
+            _mv(gh, ga, R, bh, 0, 0, hS, 0, Mp, wT, R, 1, P, 0, 1, nb, R // W, vw)
         for r in range(nb):
             b = lo + r
             x0 = b * sb + t * st
             o0 = b * ob + t * ot
-            g0 = r * R
+            g0 = ga + r * R
             s0 = r * Mp
             for ib in range(Hp // W):
                 i0 = ib * W
@@ -270,7 +285,7 @@ def _rows_fwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, T,
 
 
 def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh_, ghs, gc_,
-              gcs, dgi, dgs, dh0, dc0, wR, whr, dw, dwd, dbh, dwhr, T, H, P, lo, hi, vw):
+              gcs, dgi, dgs, dh0, dc0, wR, whr, dw, dwd, dbh, dwhr, ghb, T, H, P, lo, hi, vw):
     """The adjoint of _rows_fwd over rows [lo, hi), which go back in time together: the
     recurrent products (recomputing W_hh h_{t-1}, and W_hh^T dy) of all of them in one pass
     over the weights per step (``_mv``). A dense W_hh's gradient, the sum over rows and steps
@@ -278,7 +293,8 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
     kept, then one product, ``_mv`` again): accumulated step by step it loaded and stored all of
     dw per step for a few multiply-adds each (at H = 128, B = 8 half the sweep). Also padded:
     wR (K, Pp) = W_hh's rows, whr (P, Hp); the gradients accumulate (summed over rows):
-    dw (K, Pp), dwd and dbh (NQ Hp), dwhr (P, Hp)."""
+    dw (K, Pp), dwd and dbh (NQ Hp), dwhr (P, Hp). ghb: empty, or the forward's W_hh h_{t-1}
+    + b_hh (``_rows_fwd``), then not recomputed."""
     W = len(vw)
     NQ = _NGATES_T[cell]
     Hp = (H + W - 1) // W * W
@@ -293,7 +309,9 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
     TB = 1 if diag else max(1, 64 // nb)
     hpb = np.zeros(TB * nb * Mp, dtype=dt)  # (TB, nb, Mp): h_{t-1} of each row, TB steps
     cp = np.zeros(nb * Hp, dtype=dt)
-    gh = np.empty(nb * R, dtype=dt)  # (nb, NQ Hp)
+    saved = ghb.shape[0] > 0
+    gh = ghb if saved else np.empty(nb * R, dtype=dt)  # (nb, NQ Hp) per step
+    Bt = ghb.shape[0] // (T * R) if saved else 0
     dyb = np.zeros(TB * nb * R, dtype=dt)  # (TB, nb, NQ Hp): d(W_hh h + b_hh), TB steps
     dh = np.zeros(nb * Mp, dtype=dt)
     dhn = np.zeros(nb * Mp, dtype=dt)
@@ -311,6 +329,7 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
     for t in range(T - 1, -1, -1):
         ho = fill * nb * Mp  # this step's rows of hpb, dyb
         yo = fill * nb * R
+        ga = (t * Bt + lo) * R if saved else 0  # this step's rows of gh
         for r in range(nb):
             b = lo + r
             for kb in range(Pp // W):
@@ -333,21 +352,20 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
                     else:
                         v = _ld(oc, b * cb + (t - 1) * ct + i0 * ci, ci, n, vw)
                     _vstore(cp, r * Hp + i0, v)
-            for q in range(NQ):
-                for ib in range(Hp // W):
-                    o = q * Hp + ib * W
-                    if diag:
-                        _vstore(gh, r * R + o, _vload(wd, o, vw)
+            if diag:
+                for q in range(NQ):
+                    for ib in range(Hp // W):
+                        o = q * Hp + ib * W
+                        _vstore(gh, ga + r * R + o, _vload(wd, o, vw)
                                 * _vload(hpb, ho + r * Mp + ib * W, vw) + _vload(bh, o, vw))
-                    else:
-                        _vstore(gh, r * R + o, _vload(bh, o, vw))
-        if not diag:
-            _mv(gh, 0, R, hpb, ho, Mp, wT, R, 1, P, 0, 1, nb, R // W, vw)
+        if not diag and not saved:  # gh = b_hh + W_hh h_{t-1} of every row
+            _mv(gh, ga, R, bh, 0, 0, hpb, ho, Mp, wT, R, 1, P, 0, 1, nb, R // W, vw)
         for r in range(nb):
             b = lo + r
             x0 = b * sb + t * st
             d0 = b * db_ + t * dt_
-            g0 = r * R
+            g0 = ga + r * R
+            y0 = yo + r * R
             s0 = r * Mp
             if lstm:
                 for ib in range(Hp // W):
@@ -386,7 +404,7 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
                                  _vload(dc, r * Hp + i0, vw))
                     for q in range(4):
                         _st(dgi, d0 + (q * H + i0) * dj, dj, n, r5[q], vw)
-                        _vstore(dyb, yo + g0 + q * Hp + i0, r5[q])
+                        _vstore(dyb, y0 + q * Hp + i0, r5[q])
                     _vstore(dc, r * Hp + i0, r5[4])
             else:
                 for ib in range(Hp // W):
@@ -402,35 +420,35 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
                         _st(dgi, d0 + i0 * dj, dj, n, r5[0], vw)
                         _st(dgi, d0 + (H + i0) * dj, dj, n, r5[1], vw)
                         _st(dgi, d0 + (2 * H + i0) * dj, dj, n, r5[2], vw)
-                        _vstore(dyb, yo + g0 + i0, r5[0])
-                        _vstore(dyb, yo + g0 + Hp + i0, r5[1])
-                        _vstore(dyb, yo + g0 + 2 * Hp + i0, r5[3])
+                        _vstore(dyb, y0 + i0, r5[0])
+                        _vstore(dyb, y0 + Hp + i0, r5[1])
+                        _vstore(dyb, y0 + 2 * Hp + i0, r5[3])
                         _vstore(dhn, s0 + i0, r5[4])
                     else:
                         r1 = _elman_b(relu, _ld(gi, x0 + i0 * sj, sj, n, vw),
                                       _vload(gh, g0 + i0, vw), _vload(dh, s0 + i0, vw))
                         _st(dgi, d0 + i0 * dj, dj, n, r1, vw)
-                        _vstore(dyb, yo + g0 + i0, r1)
+                        _vstore(dyb, y0 + i0, r1)
             # the padded lanes of dy hold finite values that only meet zero weights below
             for jb in range(R // W):
                 o = jb * W
-                _vstore(dbh, o, _vload(dbh, o, vw) + _vload(dyb, yo + g0 + o, vw))
+                _vstore(dbh, o, _vload(dbh, o, vw) + _vload(dyb, y0 + o, vw))
             if diag:
                 for q in range(NQ):
                     for ib in range(Hp // W):
                         o = q * Hp + ib * W
-                        dyq = _vload(dyb, yo + g0 + o, vw)
+                        dyq = _vload(dyb, y0 + o, vw)
                         _vstore(dwd, o, _vload(dwd, o, vw)
                                 + dyq * _vload(hpb, ho + s0 + ib * W, vw))
                         _vstore(dhn, s0 + ib * W, _vload(dhn, s0 + ib * W, vw)
                                 + _vload(wd, o, vw) * dyq)
         if not diag:
-            _mv(dhn, 0, Mp, dyb, yo, R, wR, Pp, NQ, H, Hp, 1, nb, Pp // W, vw)
+            _mv(dhn, 0, Mp, dhn, 0, Mp, dyb, yo, R, wR, Pp, NQ, H, Hp, 1, nb, Pp // W, vw)
             fill += 1
             if fill == TB or t == 0:  # dw[q H + i, :] += sum over the block's (step, row) m
                 for q in range(NQ):  # of dyb[m, q Hp + i] hpb[m, :]
-                    _mv(dw, q * H * Pp, Pp, dyb, q * Hp, 1, hpb, Mp, 1, fill * nb, 0, R, H,
-                        Pp // W, vw)
+                    _mv(dw, q * H * Pp, Pp, dw, q * H * Pp, Pp, dyb, q * Hp, 1, hpb, Mp, 1,
+                        fill * nb, 0, R, H, Pp // W, vw)
                 fill = 0
         for r in range(nb):
             for kb in range(Pp // W):
