@@ -90,6 +90,7 @@ import importlib.util
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -276,41 +277,48 @@ def _backward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: T
     dc0f = dc0.numpy().reshape(-1) if lstm else wts.empty
     k = _build()
     diag = wts.diag
-    dtype = gi.dtype
 
+    # the weight gradients in NumPy, on the calling thread (see ``buffers._npad``)
+    dtype = wts.empty.dtype
     if lanes:
         def part(lo, hi):
-            dw = torch.zeros(0 if diag else K * P * W, dtype=dtype)
-            dwd = torch.zeros(K * W if diag else 0, dtype=dtype)
-            dbh = torch.zeros(K * W, dtype=dtype)
-            dwhr = torch.zeros(P * H * W if proj else 0, dtype=dtype)
+            dw = np.zeros(0 if diag else K * P * W, dtype=dtype)
+            dwd = np.zeros(K * W if diag else 0, dtype=dtype)
+            dbh = np.zeros(K * W, dtype=dtype)
+            dwhr = np.zeros(P * H * W if proj else 0, dtype=dtype)
             k["_lanes_bwd"](cell, gif, gs, h0f, c0f, wts.w, wts.wd, wts.bh, diag, wts.whr, ohf,
-                            ohs, ocf, ocs, ghf, ghs, gcf, gcs, dgif, dgs, dh0f, dc0f, dw.numpy(),
-                            dwd.numpy(), dbh.numpy(), dwhr.numpy(), T, H, P, lo, hi, vw)
-            dwh = dwd.view(K, W).sum(1) if diag else dw.view(K, P, W).sum(2)
-            return (dwh, dbh.view(K, W).sum(1),
-                    dwhr.view(P, H, W).sum(2) if proj else None)
+                            ohs, ocf, ocs, ghf, ghs, gcf, gcs, dgif, dgs, dh0f, dc0f, dw, dwd, dbh,
+                            dwhr, T, H, P, lo, hi, vw)
+            dwh = dwd.reshape(K, W).sum(1) if diag else dw.reshape(K, P, W).sum(2)
+            return (dwh, dbh.reshape(K, W).sum(1),
+                    dwhr.reshape(P, H, W).sum(2) if proj else None)
     else:
         Hp, Pp = wts.Hp, wts.Pp
         gsf = wts.empty if ghb is None else ghb.view(-1).numpy()
 
         def part(lo, hi):
-            dw = torch.zeros(0 if diag else K * Pp, dtype=dtype)
-            dwd = torch.zeros(NQ * Hp if diag else 0, dtype=dtype)
-            dbh = torch.zeros(NQ * Hp, dtype=dtype)
-            dwhr = torch.zeros(P * Hp if proj else 0, dtype=dtype)
+            dw = np.zeros(0 if diag else K * Pp, dtype=dtype)
+            dwd = np.zeros(NQ * Hp if diag else 0, dtype=dtype)
+            dbh = np.zeros(NQ * Hp, dtype=dtype)
+            dwhr = np.zeros(P * Hp if proj else 0, dtype=dtype)
             k["_rows_bwd"](cell, gif, gs, h0f, c0f, wts.wT, wts.wd, wts.bh, diag, wts.whrT,
                            ohf, ohs, ocf, ocs, ghf, ghs, gcf, gcs, dgif, dgs, dh0f, dc0f, wts.wR,
-                           wts.whr, dw.numpy(), dwd.numpy(), dbh.numpy(), dwhr.numpy(), gsf, T, H,
-                           P, lo, hi, vw)
-            dwh = (dwd.view(NQ, Hp)[:, :H].reshape(K) if diag
-                   else dw.view(K, Pp)[:, :P])
-            return (dwh, dbh.view(NQ, Hp)[:, :H].reshape(K),
-                    dwhr.view(P, Hp)[:, :H] if proj else None)
+                           wts.whr, dw, dwd, dbh, dwhr, gsf, T, H, P, lo, hi, vw)
+            dwh = (dwd.reshape(NQ, Hp)[:, :H].reshape(K) if diag
+                   else dw.reshape(K, Pp)[:, :P])
+            return (dwh, dbh.reshape(NQ, Hp)[:, :H].reshape(K),
+                    dwhr.reshape(P, Hp)[:, :H] if proj else None)
     parts = _run_split(part, B, W, nt, lanes)
-    dwh = sum(p[0] for p in parts)
-    dbh = sum(p[1] for p in parts)
-    dwhr = sum(p[2] for p in parts) if proj else None
+
+    def total(i):
+        s = parts[0][i]
+        for p in parts[1:]:
+            s = s + p[i]
+        return torch.from_numpy(np.ascontiguousarray(s))
+
+    dwh = total(0)
+    dbh = total(1)
+    dwhr = total(2) if proj else None
     return dgi, dh0, dc0, dwh.reshape(weight_hh.shape), dbh, dwhr
 
 
