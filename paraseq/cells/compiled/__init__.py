@@ -37,8 +37,11 @@ LLVM's auto-vectoriser left these short loops scalar):
   (two transcendentals) is paid once for W rows. The recurrent product is K P vector FMAs per
   W rows. Best for small H, and at any H once B fills the vectors.
 - "rows": a vector holds W units of one batch row (the product W_hh h as P vector FMAs per W
-  gate units); rows run one after another. Best for few rows and a wide state: it wastes no
-  lanes at B = 1.
+  gate units). Best for few rows and a wide state: it wastes no lanes at B = 1. The rows
+  advance together, one step at a time, so that one pass over the weights serves all of them
+  (tiles of four rows by four vectors, ``tiles._mv``): forward, the reverse sweep's W_hh^T dy,
+  and W_hh's gradient, one product per block of steps. With a gradient to take, the forward
+  keeps W_hh h + b_hh of every step (``_SAVE_GATES_MIN_P``) for the reverse sweep.
 
 ``_plan`` picks one by the measured rule in its docstring. gi may have any strides (and is
 never copied): the lanes kernel reads it fastest with the batch contiguous, memory (K, T, B),
@@ -73,6 +76,7 @@ The package, top down:
     buffers    tensors to kernel arguments: flat views, output layouts, weight layouts
     lanes      the lanes kernels: forward loop, adjoint, Newton sweep (every cell kind)
     rows       the rows kernels: the same three
+    tiles      the rows kernels' batched products (register tiles, inlined)
     diag       the Newton sweep of the diagonal-recurrence cells (elementwise, either layout)
     cellmath   each cell family's step, adjoint and Newton unit on vectors (GRU, Elman, LSTM)
     simd       the numba extension (the vector type and its intrinsics), tanh, sigmoid, expm1
@@ -94,7 +98,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import cellmath, diag, lanes, rows, simd
+from . import cellmath, diag, lanes, rows, simd, tiles
 from .buffers import _alloc, _alloc_like, _empty_like_layout, _flat, _pad, _vec, _Weights
 from .cellmath import _ELMAN_RELU, _ELMAN_TANH, _GRU, _LSTM, _NGATES
 from .plan import _plan, _run_split, _width
@@ -126,11 +130,11 @@ _VEC_HELPERS = {simd: ("_tanh_from_expm1",),
                 cellmath: ("_gru_f", "_gru_b", "_elman_f", "_elman_b", "_lstm_f", "_lstm_b",
                            "_res", "_gru_newton", "_elman_newton", "_lstm_newton",
                            "_lstm_quasi"),
-                rows: ("_mv",)}
+                tiles: ("_mv",)}
 _ENTRY = {lanes: ("_lanes_fwd", "_lanes_bwd", "_lanes_newton"),
           rows: ("_rows_fwd", "_rows_bwd", "_rows_newton"),
           diag: ("_diag_newton",)}
-_KERNEL_MODULES = (simd, cellmath, lanes, rows, diag)
+_KERNEL_MODULES = (simd, cellmath, tiles, lanes, rows, diag)
 
 
 def _source_stamp() -> bytes:
