@@ -222,6 +222,28 @@ def test_gru_sequence_matches_torch_gru_autograd_float64(B, T, H):
         assert (a - c).abs().max().item() <= 1e-10 * (1 + c.abs().max().item())
 
 
+def test_gates_are_kept_only_when_a_gradient_can_follow(monkeypatch):
+    """The rows kernel keeps W_hh h + b_hh of every step (memory about gi's) for the reverse
+    sweep: with grad mode on and a leaf that requires grad, not under no_grad (where
+    parameters still require grad) nor without such a leaf."""
+    kept = []
+    forward = compiled._forward
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        kept.append(out[3] is not None)
+        return out
+
+    monkeypatch.setattr(compiled, "_forward", spy)
+    H = 40
+    gi, h0, w = torch.randn(2, 5, 3 * H), torch.zeros(2, H), torch.randn(3 * H, H)
+    compiled.gru_sequence(gi, h0, w.requires_grad_(), None).sum().backward()
+    with torch.no_grad():
+        compiled.gru_sequence(gi, h0, w, None)
+    compiled.gru_sequence(gi, h0, w.detach(), None)
+    assert kept == [True, False, False]
+
+
 def test_results_land_in_the_layout_the_kernel_writes():
     gi = torch.randn(16, 5, 3)  # lanes at H = 1: (H, T, B) memory
     out = compiled.gru_sequence(gi, torch.zeros(16, 1), torch.randn(3, 1), None)

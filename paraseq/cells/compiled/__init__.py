@@ -331,12 +331,15 @@ def _backward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: T
 
 class _Sequence(torch.autograd.Function):
     """The compiled loop of one cell as a Function of (gi, h0, c0, weight_hh, bias_hh,
-    weight_hr); c0 and weight_hr are None where the cell has none."""
+    weight_hr); c0 and weight_hr are None where the cell has none. ``grad``: whether grad mode
+    was on at the call (inside forward it is off; ``needs_input_grad`` follows requires_grad
+    alone, so parameters under no_grad read True), to keep what the backward needs only when
+    one can follow."""
 
     @staticmethod
-    def forward(ctx, cell, gi, h0, c0, weight_hh, bias_hh, weight_hr):
+    def forward(ctx, cell, grad, gi, h0, c0, weight_hh, bias_hh, weight_hr):
         oh, oc, kernel, ghb = _forward(cell, gi, h0, c0, weight_hh, bias_hh, weight_hr,
-                                       save=any(ctx.needs_input_grad))
+                                       save=grad and any(ctx.needs_input_grad))
         ctx.cell, ctx.kernel, ctx.ghb = cell, kernel, ghb
         ctx.save_for_backward(gi, h0, c0, weight_hh, bias_hh, weight_hr, oh, oc)
         if cell == _LSTM:
@@ -350,7 +353,7 @@ class _Sequence(torch.autograd.Function):
         dgi, dh0, dc0, dwh, dbh, dwhr = _backward(ctx.cell, gi, h0, c0, weight_hh, bias_hh,
                                                   weight_hr, oh, oc, g_h, g_c, ctx.kernel,
                                                   ctx.ghb)
-        return None, dgi, dh0, dc0, dwh, dbh, dwhr
+        return None, None, dgi, dh0, dc0, dwh, dbh, dwhr
 
 
 def _check(fn: str, gi: Tensor, states: tuple[tuple[str, Tensor, int], ...], weight_hh: Tensor,
@@ -393,8 +396,8 @@ def gru_sequence(gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tensor | No
     _check("gru_sequence", gi, (("h0", h0, H),), weight_hh, bias_hh, 3, H)
     if bias_hh is None:
         bias_hh = gi.new_zeros(gi.shape[-1])
-    return _Sequence.apply(_GRU, gi, _prep(gi, h0), None, _prep(gi, weight_hh),
-                           _prep(gi, bias_hh), None)
+    return _Sequence.apply(_GRU, torch.is_grad_enabled(), gi, _prep(gi, h0), None,
+                           _prep(gi, weight_hh), _prep(gi, bias_hh), None)
 
 
 def elman_sequence(gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tensor | None,
@@ -410,8 +413,8 @@ def elman_sequence(gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tensor | 
     if bias_hh is None:
         bias_hh = gi.new_zeros(H)
     cell = _ELMAN_TANH if nonlinearity == "tanh" else _ELMAN_RELU
-    return _Sequence.apply(cell, gi, _prep(gi, h0), None, _prep(gi, weight_hh),
-                           _prep(gi, bias_hh), None)
+    return _Sequence.apply(cell, torch.is_grad_enabled(), gi, _prep(gi, h0), None,
+                           _prep(gi, weight_hh), _prep(gi, bias_hh), None)
 
 
 def lstm_sequence(gi: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor, bias_hh: Tensor | None,
@@ -426,8 +429,8 @@ def lstm_sequence(gi: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor, bias_hh
            weight_hr)
     if bias_hh is None:
         bias_hh = gi.new_zeros(gi.shape[-1])
-    return _Sequence.apply(_LSTM, gi, _prep(gi, h0), _prep(gi, c0), _prep(gi, weight_hh),
-                           _prep(gi, bias_hh), _prep(gi, weight_hr))
+    return _Sequence.apply(_LSTM, torch.is_grad_enabled(), gi, _prep(gi, h0), _prep(gi, c0),
+                           _prep(gi, weight_hh), _prep(gi, bias_hh), _prep(gi, weight_hr))
 
 
 
