@@ -131,7 +131,7 @@ _VEC_HELPERS = {simd: ("_tanh_from_expm1",),
                            "_res", "_gru_newton", "_elman_newton", "_lstm_newton",
                            "_lstm_quasi"),
                 tiles: ("_mv",)}
-_ENTRY = {lanes: ("_lanes_fwd", "_lanes_bwd", "_lanes_newton"),
+_ENTRY = {lanes: ("_lanes_fwd", "_lanes_bwd", "_lanes_newton", "_lanes_proj1"),
           rows: ("_rows_fwd", "_rows_bwd", "_rows_newton"),
           diag: ("_diag_newton",)}
 _KERNEL_MODULES = (simd, cellmath, tiles, lanes, rows, diag)
@@ -436,39 +436,46 @@ def lstm_sequence(gi: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor, bias_hh
 
 
 class _Projection(torch.autograd.Function):
-    """x2 (N, n) -> W x2^T + b as (K, N) (lanes: batch contiguous) or x2 W^T + b as (N, K),
-    into a buffer with huge pages (``_alloc``)."""
+    """x (T, B, n) -> W x^T + b as (K, T B) (lanes: batch contiguous) or x W^T + b as
+    (T B, K), into a buffer with huge pages (``_alloc``)."""
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, lanes):
-        N, n = x2.shape
+    def forward(ctx, x, weight, bias, lanes):
+        T, B, n = x.shape
+        N = T * B
         K = weight.shape[0]
+        if lanes and n == 1:  # an outer product and its bias, one pass reading x in place
+            gi = _alloc((K, N), x.dtype)
+            xf, (st, sb, _) = _flat(x)
+            _build()["_lanes_proj1"](xf, (sb, st), _vec(weight),
+                                     _vec(bias) if bias is not None else _vec(weight)[:0],
+                                     gi.view(-1).numpy(), T, B, (0,) * _width(x.dtype))
+            ctx.save_for_backward(x, weight)
+            ctx.lanes, ctx.bias = lanes, bias is not None
+            return gi
+        x2 = x.reshape(N, n)
         if lanes:
             gi = _alloc((K, N), x2.dtype)
-            if n == 1 and bias is not None:  # an outer product and its bias, in one pass
-                torch.addcmul(bias.unsqueeze(1), weight, x2.reshape(1, N), out=gi)
-            elif n == 1:
-                torch.mul(weight, x2.reshape(1, N), out=gi)
-            else:
-                torch.mm(weight, x2.t(), out=gi)
-                if bias is not None:
-                    gi.add_(bias.unsqueeze(1))  # addmm's broadcast bias would cost a pass more
+            torch.mm(weight, x2.t(), out=gi)
+            if bias is not None:
+                gi.add_(bias.unsqueeze(1))  # addmm's broadcast bias would cost a pass more
         else:
             gi = _alloc((N, K), x2.dtype)
             if bias is None:
                 torch.mm(x2, weight.t(), out=gi)
             else:
                 torch.addmm(bias, x2, weight.t(), out=gi)
-        ctx.save_for_backward(x2, weight)
+        ctx.save_for_backward(x, weight)
         ctx.lanes, ctx.bias = lanes, bias is not None
         return gi
 
     @staticmethod
     def backward(ctx, g):
-        x2, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        T, B, n = x.shape
         gNK = g.t() if ctx.lanes else g  # (N, K)
-        dx = gNK @ weight if ctx.needs_input_grad[0] else None
-        dw = gNK.t() @ x2 if ctx.needs_input_grad[1] else None
+        dx = (gNK @ weight).view(T, B, n) if ctx.needs_input_grad[0] else None
+        dw = gNK.t() @ x.reshape(T * B, n) if ctx.needs_input_grad[1] else None
         db = gNK.sum(0) if ctx.bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
 
@@ -489,13 +496,13 @@ def input_projection(x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None,
     compiled loops will pick for this batch and hidden size: memory (K, T, B) (the batch
     contiguous) for the lanes kernel at small H (``_LANES_LAYOUT_MAX_H``), torch's (T, B, K)
     otherwise; F.linear's values and gradients, into a buffer with huge pages (``_alloc``)."""
-    T, B, n = x.shape
+    T, B, _ = x.shape
     K = weight_ih.shape[0]
     if not supported(x) or weight_ih.dtype != x.dtype:
         return torch.nn.functional.linear(x, weight_ih, bias_ih).transpose(0, 1)
     lanes = (hidden_size <= _LANES_LAYOUT_MAX_H
              and _plan(B, T, hidden_size, hidden_size, K, x.dtype)[0] == "lanes")
-    gi = _Projection.apply(x.reshape(T * B, n), weight_ih, bias_ih, lanes)
+    gi = _Projection.apply(x, weight_ih, bias_ih, lanes)
     if lanes:
         return gi.view(K, T, B).permute(2, 1, 0)
     return gi.view(T, B, K).transpose(0, 1)
