@@ -254,10 +254,13 @@ def test_results_land_in_the_layout_the_kernel_writes():
 
 
 @pytest.mark.parametrize("n", [1, 3])
-@pytest.mark.parametrize("B,H", [(16, 2), (16, 8), (1, 2)])
+@pytest.mark.parametrize("B,H", [(16, 2), (16, 8), (1, 2), (21, 1)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_input_projection_is_linear_in_the_kernels_layout(n, B, H, bias):
-    x = torch.randn(7, B, n, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_input_projection_is_linear_in_the_kernels_layout(n, B, H, bias, batch_first):
+    # batch_first: x a (T, B, n) view of (B, T, n) memory, as a batch_first layer passes it
+    x = (torch.randn(B, 7, n, dtype=torch.float64).transpose(0, 1) if batch_first
+         else torch.randn(7, B, n, dtype=torch.float64)).requires_grad_()
     W = torch.randn(3 * H, n, dtype=torch.float64, requires_grad=True)
     bi = torch.randn(3 * H, dtype=torch.float64, requires_grad=True) if bias else None
     gi = compiled.input_projection(x, W, bi, H)
