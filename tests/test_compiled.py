@@ -177,6 +177,73 @@ def test_threads_split_the_batch_exactly(monkeypatch, kernel):
         assert ((results[0][i] - results[1][i]).abs() <= bound * s).all()
 
 
+# The rows kernel advances its rows together: products in tiles of 4 rows by 4 vectors with
+# tails of single rows and vectors (B = 1, 3, 5, 9 leave tails; H = 33 and 70 are not
+# multiples of either SIMD width, and reach 4 vectors of units); W_hh's gradient is taken over
+# blocks of 64 // B steps (T = 37 ends mid-block), W_hh h + b_hh kept by the forward from
+# P = 32 on (``_SAVE_GATES_MIN_P``) or recomputed by the reverse sweep.
+_ROWS_CASES = [("gru", 1, 37, 70), ("gru", 3, 37, 33), ("gru", 4, 1, 33), ("gru", 5, 37, 70),
+               ("gru", 8, 20, 33), ("gru", 9, 37, 40), ("tanh", 5, 37, 70), ("relu", 9, 20, 33),
+               ("lstm", 5, 37, 33), ("lstm", 1, 20, 70), ("lstm-proj", 5, 23, 70),
+               ("gru-diag", 5, 37, 33), ("lstm-diag", 3, 20, 40)]
+
+
+@pytest.mark.parametrize("save", [True, False], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("case,B,T,H", _ROWS_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_kernel_tiles_match_the_loop(monkeypatch, case, B, T, H, save, dtype):
+    cell, _, kind = case.partition("-")
+    P = 35 if kind == "proj" else H
+    monkeypatch.setattr(compiled, "_plan", lambda *a: ("rows", 1))
+    monkeypatch.setattr(compiled, "_SAVE_GATES_MIN_P", 0 if save else 10 ** 9)
+    _check_against_loop(cell, B, T, H, P, kind == "diag", True, dtype, "TBK", B * T + H)
+
+
+@pytest.mark.parametrize("B,T,H", [(1, 1, 33), (1, 29, 70), (5, 29, 70), (7, 13, 128)])
+def test_gru_sequence_matches_torch_gru_autograd_float64(B, T, H):
+    """gru_sequence behind the input projection against torch.nn.GRU (torch's own kernel and
+    autograd), float64: the outputs and the gradients of the input, h0 and all four weights."""
+    g = torch.Generator().manual_seed(B * 1000 + T + H)
+    ref = torch.nn.GRU(H, H, batch_first=True).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / H ** 0.5)
+    x = torch.randn(B, T, H, generator=g, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(1, B, H, generator=g, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    assert compiled._plan(B, T, H, H, 3 * H, torch.float64)[0] == "rows"
+    gi = compiled.input_projection(x.transpose(0, 1), ref.weight_ih_l0, ref.bias_ih_l0, H)
+    out = compiled.gru_sequence(gi, h0[0], ref.weight_hh_l0, ref.bias_hh_l0)
+    want = ref(x, h0)[0]
+    assert (out - want).abs().max().item() <= 1e-12
+    leaves = [x, h0, *ref.parameters()]
+    for a, c in zip(torch.autograd.grad((out * wt).sum(), leaves),
+                    torch.autograd.grad((want * wt).sum(), leaves), strict=True):
+        assert (a - c).abs().max().item() <= 1e-10 * (1 + c.abs().max().item())
+
+
+def test_gates_are_kept_only_when_a_gradient_can_follow(monkeypatch):
+    """The rows kernel keeps W_hh h + b_hh of every step (memory about gi's) for the reverse
+    sweep: with grad mode on and a leaf that requires grad, not under no_grad (where
+    parameters still require grad) nor without such a leaf."""
+    kept = []
+    forward = compiled._forward
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        kept.append(out[3] is not None)
+        return out
+
+    monkeypatch.setattr(compiled, "_forward", spy)
+    H = 40
+    gi, h0, w = torch.randn(2, 5, 3 * H), torch.zeros(2, H), torch.randn(3 * H, H)
+    compiled.gru_sequence(gi, h0, w.requires_grad_(), None).sum().backward()
+    with torch.no_grad():
+        compiled.gru_sequence(gi, h0, w, None)
+    compiled.gru_sequence(gi, h0, w.detach(), None)
+    assert kept == [True, False, False]
+
+
 def test_results_land_in_the_layout_the_kernel_writes():
     gi = torch.randn(16, 5, 3)  # lanes at H = 1: (H, T, B) memory
     out = compiled.gru_sequence(gi, torch.zeros(16, 1), torch.randn(3, 1), None)
@@ -187,10 +254,13 @@ def test_results_land_in_the_layout_the_kernel_writes():
 
 
 @pytest.mark.parametrize("n", [1, 3])
-@pytest.mark.parametrize("B,H", [(16, 2), (16, 8), (1, 2)])
+@pytest.mark.parametrize("B,H", [(16, 2), (16, 8), (1, 2), (21, 1)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_input_projection_is_linear_in_the_kernels_layout(n, B, H, bias):
-    x = torch.randn(7, B, n, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_input_projection_is_linear_in_the_kernels_layout(n, B, H, bias, batch_first):
+    # batch_first: x a (T, B, n) view of (B, T, n) memory, as a batch_first layer passes it
+    x = (torch.randn(B, 7, n, dtype=torch.float64).transpose(0, 1) if batch_first
+         else torch.randn(7, B, n, dtype=torch.float64)).requires_grad_()
     W = torch.randn(3 * H, n, dtype=torch.float64, requires_grad=True)
     bi = torch.randn(3 * H, dtype=torch.float64, requires_grad=True) if bias else None
     gi = compiled.input_projection(x, W, bi, H)

@@ -308,7 +308,7 @@ class _NewtonSequence(torch.autograd.Function):
             else:  # fallback: the compiled loop from the first step above target
                 hs = h0 if fail == 0 else oh[:, fail - 1]
                 cs = None if oc is None else (c0 if fail == 0 else oc[:, fail - 1])
-                rh, rc, _ = C._forward(cell, gi[:, fail:], hs.contiguous(),
+                rh, rc, _, _ = C._forward(cell, gi[:, fail:], hs.contiguous(),
                                        None if cs is None else cs.contiguous(), weight_hh,
                                        bias_hh, None)
                 oh[:, fail:] = rh

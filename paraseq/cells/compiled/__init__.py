@@ -37,8 +37,11 @@ LLVM's auto-vectoriser left these short loops scalar):
   (two transcendentals) is paid once for W rows. The recurrent product is K P vector FMAs per
   W rows. Best for small H, and at any H once B fills the vectors.
 - "rows": a vector holds W units of one batch row (the product W_hh h as P vector FMAs per W
-  gate units); rows run one after another. Best for few rows and a wide state: it wastes no
-  lanes at B = 1.
+  gate units). Best for few rows and a wide state: it wastes no lanes at B = 1. The rows
+  advance together, one step at a time, so that one pass over the weights serves all of them
+  (tiles of four rows by four vectors, ``tiles._mv``): forward, the reverse sweep's W_hh^T dy,
+  and W_hh's gradient, one product per block of steps. With a gradient to take, the forward
+  keeps W_hh h + b_hh of every step (``_SAVE_GATES_MIN_P``) for the reverse sweep.
 
 ``_plan`` picks one by the measured rule in its docstring. gi may have any strides (and is
 never copied): the lanes kernel reads it fastest with the batch contiguous, memory (K, T, B),
@@ -73,6 +76,7 @@ The package, top down:
     buffers    tensors to kernel arguments: flat views, output layouts, weight layouts
     lanes      the lanes kernels: forward loop, adjoint, Newton sweep (every cell kind)
     rows       the rows kernels: the same three
+    tiles      the rows kernels' batched products (register tiles, inlined)
     diag       the Newton sweep of the diagonal-recurrence cells (elementwise, either layout)
     cellmath   each cell family's step, adjoint and Newton unit on vectors (GRU, Elman, LSTM)
     simd       the numba extension (the vector type and its intrinsics), tanh, sigmoid, expm1
@@ -90,10 +94,11 @@ import importlib.util
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from . import cellmath, diag, lanes, rows, simd
+from . import cellmath, diag, lanes, rows, simd, tiles
 from .buffers import _alloc, _alloc_like, _empty_like_layout, _flat, _pad, _vec, _Weights
 from .cellmath import _ELMAN_RELU, _ELMAN_TANH, _GRU, _LSTM, _NGATES
 from .plan import _plan, _run_split, _width
@@ -124,11 +129,12 @@ def supported(x: Tensor) -> bool:
 _VEC_HELPERS = {simd: ("_tanh_from_expm1",),
                 cellmath: ("_gru_f", "_gru_b", "_elman_f", "_elman_b", "_lstm_f", "_lstm_b",
                            "_res", "_gru_newton", "_elman_newton", "_lstm_newton",
-                           "_lstm_quasi")}
-_ENTRY = {lanes: ("_lanes_fwd", "_lanes_bwd", "_lanes_newton"),
+                           "_lstm_quasi"),
+                tiles: ("_mv",)}
+_ENTRY = {lanes: ("_lanes_fwd", "_lanes_bwd", "_lanes_newton", "_lanes_proj1"),
           rows: ("_rows_fwd", "_rows_bwd", "_rows_newton"),
           diag: ("_diag_newton",)}
-_KERNEL_MODULES = (simd, cellmath, lanes, rows, diag)
+_KERNEL_MODULES = (simd, cellmath, tiles, lanes, rows, diag)
 
 
 def _source_stamp() -> bytes:
@@ -165,7 +171,8 @@ def _build() -> dict:
         linked = {name: getattr(simd, name) for name in simd._LINKED}
         for mod, names in _VEC_HELPERS.items():
             for name in names:
-                linked[name] = numba.njit(cache=True)(getattr(mod, name))
+                inline = "always" if name in getattr(mod, "_INLINE", ()) else "never"
+                linked[name] = numba.njit(cache=True, inline=inline)(getattr(mod, name))
                 _stamp(linked[name], stamp)
         # the kernel modules imported the stubs: bind the intrinsics and compiled helpers
         # wherever a module names them (numba resolves a function's globals when it compiles)
@@ -186,15 +193,25 @@ def _build() -> dict:
 # ----------------------------------------------------------------------------- the loops
 
 
+_SAVE_GATES_MIN_P = 32
+"""The rows kernel keeps W_hh h_{t-1} + b_hh of every step for the reverse sweep (memory
+B T G Hp, about gi's size) when a gradient will be taken and the state has at least this many
+units; the sweep otherwise recomputes it, a third of its multiply-adds. Below, the product is
+cheap and the padded buffer large against gi (H = 1: 16 floats a gate per step)."""
+
+
 def _forward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Tensor,
-             bias_hh: Tensor, weight_hr: Tensor | None):
-    """Runs the forward kernel: h (B, T, P) and, for the LSTM, c (B, T, H)."""
+             bias_hh: Tensor, weight_hr: Tensor | None, save: bool = False):
+    """Runs the forward kernel: h (B, T, P) and, for the LSTM, c (B, T, H), the kernel's name
+    and, where ``save`` asks for it and the rows kernel keeps them (``_SAVE_GATES_MIN_P``),
+    W_hh h_{t-1} + b_hh of every step for ``_backward`` (else None)."""
     B, T, K = gi.shape
     NQ = _NGATES[cell]
     H = K // NQ
     P = h0.shape[-1]
     if B * T == 0:
-        return gi.new_zeros(B, T, P), (gi.new_zeros(B, T, H) if cell == _LSTM else None), "-"
+        return (gi.new_zeros(B, T, P), (gi.new_zeros(B, T, H) if cell == _LSTM else None), "-",
+                None)
     kernel, nt = _plan(B, T, H, P, K, gi.dtype)
     lanes = kernel == "lanes"
     W = _width(gi.dtype)
@@ -209,6 +226,10 @@ def _forward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Te
     h0f = _vec(h0)
     c0f = _vec(c0) if lstm else wts.empty
     k = _build()
+    ghb = None
+    if not lanes and save and not wts.diag and P >= _SAVE_GATES_MIN_P:
+        ghb = _alloc((T, B, NQ * wts.Hp), gi.dtype)
+    ghf = ghb.view(-1).numpy() if ghb is not None else wts.empty
     if lanes:
         def part(lo, hi):
             k["_lanes_fwd"](cell, gif, gs, h0f, c0f, wts.w, wts.wd, wts.bh, wts.diag, wts.whr,
@@ -216,15 +237,16 @@ def _forward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Te
     else:
         def part(lo, hi):
             k["_rows_fwd"](cell, gif, gs, h0f, c0f, wts.wT, wts.wd, wts.bh, wts.diag, wts.whrT,
-                           ohf, ohs, ocf, ocs, T, H, P, lo, hi, vw)
+                           ohf, ohs, ocf, ocs, ghf, T, H, P, lo, hi, vw)
     _run_split(part, B, W, nt, lanes)
-    return oh, oc, kernel
+    return oh, oc, kernel, ghb
 
 
 def _backward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: Tensor,
               bias_hh: Tensor, weight_hr: Tensor | None, oh: Tensor, oc: Tensor | None,
-              g_h: Tensor | None, g_c: Tensor | None, kernel: str):
-    """The adjoint sweep: (dgi, dh0, dc0, dweight_hh, dbias_hh, dweight_hr)."""
+              g_h: Tensor | None, g_c: Tensor | None, kernel: str, ghb: Tensor | None = None):
+    """The adjoint sweep: (dgi, dh0, dc0, dweight_hh, dbias_hh, dweight_hr); ghb: what
+    ``_forward`` kept, or None."""
     B, T, K = gi.shape
     NQ = _NGATES[cell]
     H = K // NQ
@@ -259,40 +281,48 @@ def _backward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: T
     dc0f = dc0.numpy().reshape(-1) if lstm else wts.empty
     k = _build()
     diag = wts.diag
-    dtype = gi.dtype
 
+    # the weight gradients in NumPy, on the calling thread (see ``buffers._npad``)
+    dtype = wts.empty.dtype
     if lanes:
         def part(lo, hi):
-            dw = torch.zeros(0 if diag else K * P * W, dtype=dtype)
-            dwd = torch.zeros(K * W if diag else 0, dtype=dtype)
-            dbh = torch.zeros(K * W, dtype=dtype)
-            dwhr = torch.zeros(P * H * W if proj else 0, dtype=dtype)
+            dw = np.zeros(0 if diag else K * P * W, dtype=dtype)
+            dwd = np.zeros(K * W if diag else 0, dtype=dtype)
+            dbh = np.zeros(K * W, dtype=dtype)
+            dwhr = np.zeros(P * H * W if proj else 0, dtype=dtype)
             k["_lanes_bwd"](cell, gif, gs, h0f, c0f, wts.w, wts.wd, wts.bh, diag, wts.whr, ohf,
-                            ohs, ocf, ocs, ghf, ghs, gcf, gcs, dgif, dgs, dh0f, dc0f, dw.numpy(),
-                            dwd.numpy(), dbh.numpy(), dwhr.numpy(), T, H, P, lo, hi, vw)
-            dwh = dwd.view(K, W).sum(1) if diag else dw.view(K, P, W).sum(2)
-            return (dwh, dbh.view(K, W).sum(1),
-                    dwhr.view(P, H, W).sum(2) if proj else None)
+                            ohs, ocf, ocs, ghf, ghs, gcf, gcs, dgif, dgs, dh0f, dc0f, dw, dwd, dbh,
+                            dwhr, T, H, P, lo, hi, vw)
+            dwh = dwd.reshape(K, W).sum(1) if diag else dw.reshape(K, P, W).sum(2)
+            return (dwh, dbh.reshape(K, W).sum(1),
+                    dwhr.reshape(P, H, W).sum(2) if proj else None)
     else:
         Hp, Pp = wts.Hp, wts.Pp
+        gsf = wts.empty if ghb is None else ghb.view(-1).numpy()
 
         def part(lo, hi):
-            dw = torch.zeros(0 if diag else K * Pp, dtype=dtype)
-            dwd = torch.zeros(NQ * Hp if diag else 0, dtype=dtype)
-            dbh = torch.zeros(NQ * Hp, dtype=dtype)
-            dwhr = torch.zeros(P * Hp if proj else 0, dtype=dtype)
+            dw = np.zeros(0 if diag else K * Pp, dtype=dtype)
+            dwd = np.zeros(NQ * Hp if diag else 0, dtype=dtype)
+            dbh = np.zeros(NQ * Hp, dtype=dtype)
+            dwhr = np.zeros(P * Hp if proj else 0, dtype=dtype)
             k["_rows_bwd"](cell, gif, gs, h0f, c0f, wts.wT, wts.wd, wts.bh, diag, wts.whrT,
                            ohf, ohs, ocf, ocs, ghf, ghs, gcf, gcs, dgif, dgs, dh0f, dc0f, wts.wR,
-                           wts.whr, dw.numpy(), dwd.numpy(), dbh.numpy(), dwhr.numpy(), T, H, P,
-                           lo, hi, vw)
-            dwh = (dwd.view(NQ, Hp)[:, :H].reshape(K) if diag
-                   else dw.view(K, Pp)[:, :P])
-            return (dwh, dbh.view(NQ, Hp)[:, :H].reshape(K),
-                    dwhr.view(P, Hp)[:, :H] if proj else None)
+                           wts.whr, dw, dwd, dbh, dwhr, gsf, T, H, P, lo, hi, vw)
+            dwh = (dwd.reshape(NQ, Hp)[:, :H].reshape(K) if diag
+                   else dw.reshape(K, Pp)[:, :P])
+            return (dwh, dbh.reshape(NQ, Hp)[:, :H].reshape(K),
+                    dwhr.reshape(P, Hp)[:, :H] if proj else None)
     parts = _run_split(part, B, W, nt, lanes)
-    dwh = sum(p[0] for p in parts)
-    dbh = sum(p[1] for p in parts)
-    dwhr = sum(p[2] for p in parts) if proj else None
+
+    def total(i):
+        s = parts[0][i]
+        for p in parts[1:]:
+            s = s + p[i]
+        return torch.from_numpy(np.ascontiguousarray(s))
+
+    dwh = total(0)
+    dbh = total(1)
+    dwhr = total(2) if proj else None
     return dgi, dh0, dc0, dwh.reshape(weight_hh.shape), dbh, dwhr
 
 
@@ -301,12 +331,16 @@ def _backward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: T
 
 class _Sequence(torch.autograd.Function):
     """The compiled loop of one cell as a Function of (gi, h0, c0, weight_hh, bias_hh,
-    weight_hr); c0 and weight_hr are None where the cell has none."""
+    weight_hr); c0 and weight_hr are None where the cell has none. ``grad``: whether grad mode
+    was on at the call (inside forward it is off; ``needs_input_grad`` follows requires_grad
+    alone, so parameters under no_grad read True), to keep what the backward needs only when
+    one can follow."""
 
     @staticmethod
-    def forward(ctx, cell, gi, h0, c0, weight_hh, bias_hh, weight_hr):
-        oh, oc, kernel = _forward(cell, gi, h0, c0, weight_hh, bias_hh, weight_hr)
-        ctx.cell, ctx.kernel = cell, kernel
+    def forward(ctx, cell, grad, gi, h0, c0, weight_hh, bias_hh, weight_hr):
+        oh, oc, kernel, ghb = _forward(cell, gi, h0, c0, weight_hh, bias_hh, weight_hr,
+                                       save=grad and any(ctx.needs_input_grad))
+        ctx.cell, ctx.kernel, ctx.ghb = cell, kernel, ghb
         ctx.save_for_backward(gi, h0, c0, weight_hh, bias_hh, weight_hr, oh, oc)
         if cell == _LSTM:
             return oh, oc
@@ -317,8 +351,9 @@ class _Sequence(torch.autograd.Function):
     def backward(ctx, g_h, g_c=None):
         gi, h0, c0, weight_hh, bias_hh, weight_hr, oh, oc = ctx.saved_tensors
         dgi, dh0, dc0, dwh, dbh, dwhr = _backward(ctx.cell, gi, h0, c0, weight_hh, bias_hh,
-                                                  weight_hr, oh, oc, g_h, g_c, ctx.kernel)
-        return None, dgi, dh0, dc0, dwh, dbh, dwhr
+                                                  weight_hr, oh, oc, g_h, g_c, ctx.kernel,
+                                                  ctx.ghb)
+        return None, None, dgi, dh0, dc0, dwh, dbh, dwhr
 
 
 def _check(fn: str, gi: Tensor, states: tuple[tuple[str, Tensor, int], ...], weight_hh: Tensor,
@@ -361,8 +396,8 @@ def gru_sequence(gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tensor | No
     _check("gru_sequence", gi, (("h0", h0, H),), weight_hh, bias_hh, 3, H)
     if bias_hh is None:
         bias_hh = gi.new_zeros(gi.shape[-1])
-    return _Sequence.apply(_GRU, gi, _prep(gi, h0), None, _prep(gi, weight_hh),
-                           _prep(gi, bias_hh), None)
+    return _Sequence.apply(_GRU, torch.is_grad_enabled(), gi, _prep(gi, h0), None,
+                           _prep(gi, weight_hh), _prep(gi, bias_hh), None)
 
 
 def elman_sequence(gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tensor | None,
@@ -378,8 +413,8 @@ def elman_sequence(gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tensor | 
     if bias_hh is None:
         bias_hh = gi.new_zeros(H)
     cell = _ELMAN_TANH if nonlinearity == "tanh" else _ELMAN_RELU
-    return _Sequence.apply(cell, gi, _prep(gi, h0), None, _prep(gi, weight_hh),
-                           _prep(gi, bias_hh), None)
+    return _Sequence.apply(cell, torch.is_grad_enabled(), gi, _prep(gi, h0), None,
+                           _prep(gi, weight_hh), _prep(gi, bias_hh), None)
 
 
 def lstm_sequence(gi: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor, bias_hh: Tensor | None,
@@ -394,46 +429,53 @@ def lstm_sequence(gi: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor, bias_hh
            weight_hr)
     if bias_hh is None:
         bias_hh = gi.new_zeros(gi.shape[-1])
-    return _Sequence.apply(_LSTM, gi, _prep(gi, h0), _prep(gi, c0), _prep(gi, weight_hh),
-                           _prep(gi, bias_hh), _prep(gi, weight_hr))
+    return _Sequence.apply(_LSTM, torch.is_grad_enabled(), gi, _prep(gi, h0), _prep(gi, c0),
+                           _prep(gi, weight_hh), _prep(gi, bias_hh), _prep(gi, weight_hr))
 
 
 
 
 class _Projection(torch.autograd.Function):
-    """x2 (N, n) -> W x2^T + b as (K, N) (lanes: batch contiguous) or x2 W^T + b as (N, K),
-    into a buffer with huge pages (``_alloc``)."""
+    """x (T, B, n) -> W x^T + b as (K, T B) (lanes: batch contiguous) or x W^T + b as
+    (T B, K), into a buffer with huge pages (``_alloc``)."""
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, lanes):
-        N, n = x2.shape
+    def forward(ctx, x, weight, bias, lanes):
+        T, B, n = x.shape
+        N = T * B
         K = weight.shape[0]
+        if lanes and n == 1:  # an outer product and its bias, one pass reading x in place
+            gi = _alloc((K, N), x.dtype)
+            xf, (st, sb, _) = _flat(x)
+            _build()["_lanes_proj1"](xf, (sb, st), _vec(weight),
+                                     _vec(bias) if bias is not None else _vec(weight)[:0],
+                                     gi.view(-1).numpy(), T, B, (0,) * _width(x.dtype))
+            ctx.save_for_backward(x, weight)
+            ctx.lanes, ctx.bias = lanes, bias is not None
+            return gi
+        x2 = x.reshape(N, n)
         if lanes:
             gi = _alloc((K, N), x2.dtype)
-            if n == 1 and bias is not None:  # an outer product and its bias, in one pass
-                torch.addcmul(bias.unsqueeze(1), weight, x2.reshape(1, N), out=gi)
-            elif n == 1:
-                torch.mul(weight, x2.reshape(1, N), out=gi)
-            else:
-                torch.mm(weight, x2.t(), out=gi)
-                if bias is not None:
-                    gi.add_(bias.unsqueeze(1))  # addmm's broadcast bias would cost a pass more
+            torch.mm(weight, x2.t(), out=gi)
+            if bias is not None:
+                gi.add_(bias.unsqueeze(1))  # addmm's broadcast bias would cost a pass more
         else:
             gi = _alloc((N, K), x2.dtype)
             if bias is None:
                 torch.mm(x2, weight.t(), out=gi)
             else:
                 torch.addmm(bias, x2, weight.t(), out=gi)
-        ctx.save_for_backward(x2, weight)
+        ctx.save_for_backward(x, weight)
         ctx.lanes, ctx.bias = lanes, bias is not None
         return gi
 
     @staticmethod
     def backward(ctx, g):
-        x2, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        T, B, n = x.shape
         gNK = g.t() if ctx.lanes else g  # (N, K)
-        dx = gNK @ weight if ctx.needs_input_grad[0] else None
-        dw = gNK.t() @ x2 if ctx.needs_input_grad[1] else None
+        dx = (gNK @ weight).view(T, B, n) if ctx.needs_input_grad[0] else None
+        dw = gNK.t() @ x.reshape(T * B, n) if ctx.needs_input_grad[1] else None
         db = gNK.sum(0) if ctx.bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
 
@@ -454,13 +496,13 @@ def input_projection(x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None,
     compiled loops will pick for this batch and hidden size: memory (K, T, B) (the batch
     contiguous) for the lanes kernel at small H (``_LANES_LAYOUT_MAX_H``), torch's (T, B, K)
     otherwise; F.linear's values and gradients, into a buffer with huge pages (``_alloc``)."""
-    T, B, n = x.shape
+    T, B, _ = x.shape
     K = weight_ih.shape[0]
     if not supported(x) or weight_ih.dtype != x.dtype:
         return torch.nn.functional.linear(x, weight_ih, bias_ih).transpose(0, 1)
     lanes = (hidden_size <= _LANES_LAYOUT_MAX_H
              and _plan(B, T, hidden_size, hidden_size, K, x.dtype)[0] == "lanes")
-    gi = _Projection.apply(x.reshape(T * B, n), weight_ih, bias_ih, lanes)
+    gi = _Projection.apply(x, weight_ih, bias_ih, lanes)
     if lanes:
         return gi.view(K, T, B).permute(2, 1, 0)
     return gi.view(T, B, K).transpose(0, 1)

@@ -50,6 +50,15 @@ def _pad(t: Tensor, shape: tuple[int, ...]) -> Tensor:
     return out
 
 
+def _npad(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``_pad`` in NumPy, flattened: the kernels' weight layouts are built with NumPy, whose
+    small copies run on the calling thread (torch's would start its thread pool on these
+    K P-float arrays, which costs a time slice whenever another process holds a core)."""
+    out = np.zeros(shape, dtype=a.dtype)
+    out[tuple(slice(0, s) for s in a.shape)] = a
+    return out.reshape(-1)
+
+
 class _Weights:
     """The recurrent weights of one call in the layouts of the chosen kernel."""
 
@@ -62,6 +71,8 @@ class _Weights:
         wh = weight_hh.detach()
         bh = bias_hh.detach()
         whr = None if weight_hr is None else weight_hr.detach()
+        wn, bn = wh.numpy(), bh.numpy()
+        whrn = None if whr is None else whr.numpy()
         self.empty = empty
         if lanes:
             self.w = empty if self.diag else _vec(wh)  # (K, P)
@@ -73,11 +84,11 @@ class _Weights:
         self.Hp, self.Pp = Hp, Pp
         if self.diag:
             self.wT = self.wR = empty
-            self.wd = _vec(_pad(wh.view(NQ, H), (NQ, Hp)))
+            self.wd = _npad(wn.reshape(NQ, H), (NQ, Hp))
         else:
-            self.wT = _vec(_pad(wh.view(NQ, H, P).permute(2, 0, 1), (P, NQ, Hp)))  # (P, NQ Hp)
-            self.wR = _vec(_pad(wh, (NQ * H, Pp)))  # (K, Pp)
+            self.wT = _npad(wn.reshape(NQ, H, P).transpose(2, 0, 1), (P, NQ, Hp))  # (P, NQ Hp)
+            self.wR = _npad(wn, (NQ * H, Pp))  # (K, Pp)
             self.wd = empty
-        self.bh = _vec(_pad(bh.view(NQ, H), (NQ, Hp)))
-        self.whrT = empty if whr is None else _vec(_pad(whr.t(), (H, Pp)))  # (H, Pp)
-        self.whr = empty if whr is None else _vec(_pad(whr, (P, Hp)))  # (P, Hp)
+        self.bh = _npad(bn.reshape(NQ, H), (NQ, Hp))
+        self.whrT = empty if whr is None else _npad(whrn.T, (H, Pp))  # (H, Pp)
+        self.whr = empty if whr is None else _npad(whrn, (P, Hp))  # (P, Hp)

@@ -512,3 +512,24 @@ def _lanes_newton(cell, gi, gs, h0, c0, w, bh, hb, hs, cb, cs, gb, gss, start, f
         pmax[g0 + grp] = p
         smax[g0 + grp] = m
         omax[g0 + grp] = o
+
+
+def _lanes_proj1(x, sx, w, bi, out, T, B, vw):
+    """The lanes layout's input projection for an input of one feature, in one pass on the
+    calling thread: gi (K, T, B) = w[j] x[b, t] + bi[j] (K = len(w); bi empty: no bias), x
+    read with strides sx = (sb, st) (no copy of it), W rows at a time. (torch's broadcast
+    addcmul ran on its thread pool after a copy of x, and each waited out a time slice
+    whenever another process held the second core.)"""
+    W = len(vw)
+    K = w.shape[0]
+    sb, st = sx
+    hasb = bi.shape[0] > 0
+    for t in range(T):
+        for b0 in range(0, B, W):
+            n = min(W, B - b0)
+            xv = _ld(x, b0 * sb + t * st, sb, n, vw)
+            for j in range(K):
+                v = xv * w[j]
+                if hasb:
+                    v = v + bi[j]
+                _st(out, (j * T + t) * B + b0, 1, n, v, vw)

@@ -39,71 +39,59 @@ from .simd import (
     _vnan_to,
     _vstore,
 )
+from .tiles import _mv
 
 
-def _rows_fwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, T, H, P, lo, hi,
-              vw):
-    """Rows [lo, hi) one after another, vectors over W units. Padded (zeros beyond H or P):
-    wT (P, NQ Hp), wd and bh (NQ Hp), whrT (H, Pp)."""
+def _rows_fwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, ghb, T, H, P, lo,
+              hi, vw):
+    """Rows [lo, hi) advance together, one step at a time: the recurrent products of all of
+    them in one pass over the weights (``_mv``), then each row's units, vectors over W units.
+    Padded (zeros beyond H or P): wT (P, NQ Hp), wd and bh (NQ Hp), whrT (H, Pp). ghb, unless
+    empty: W_hh h_{t-1} + b_hh of every row and step is kept there, (T, B, NQ Hp), for the
+    reverse sweep (which otherwise recomputes it)."""
     W = len(vw)
     NQ = _NGATES_T[cell]
     Hp = (H + W - 1) // W * W
     Pp = (P + W - 1) // W * W
-    proj = cell == _LSTM and whrT.shape[0] > 0
+    Mp = max(Pp, Hp)
+    R = NQ * Hp
+    nb = hi - lo
+    lstm = cell == _LSTM
+    proj = lstm and whrT.shape[0] > 0
     relu = cell == _ELMAN_RELU
     dt = bh.dtype
-    hS = np.zeros(max(Pp, Hp), dtype=dt)
-    cS = np.zeros(Hp, dtype=dt)
+    hS = np.zeros(nb * Mp, dtype=dt)  # (nb, Mp): the rows' states, zero beyond P
+    cS = np.zeros(nb * Hp if lstm else 1, dtype=dt)  # (nb, Hp)
     mS = np.zeros(Hp, dtype=dt)
-    gh = np.empty(NQ * Hp, dtype=dt)
+    save = ghb.shape[0] > 0
+    gh = ghb if save else np.empty(nb * R, dtype=dt)  # (nb, NQ Hp) per step: W_hh h + b_hh
+    Bt = ghb.shape[0] // (T * R) if save else 0  # the whole batch
     sb, st, sj = gs
     ob, ot, oi = ohs
     cb, ct, ci = ocs
-    for b in range(lo, hi):
-        hS[:] = 0.0
+    for r in range(nb):
         for k in range(P):
-            hS[k] = h0[b * P + k]
-        if cell == _LSTM:
-            cS[:] = 0.0
+            hS[r * Mp + k] = h0[(lo + r) * P + k]
+        if lstm:
             for i in range(H):
-                cS[i] = c0[b * H + i]
-        for t in range(T):
-            KB = NQ * Hp // W
-            if diag:
+                cS[r * Hp + i] = c0[(lo + r) * H + i]
+    for t in range(T):
+        ga = (t * Bt + lo) * R if save else 0  # this step's rows of gh
+        if diag:
+            for r in range(nb):
                 for q in range(NQ):
                     for ib in range(Hp // W):
                         o = q * Hp + ib * W
-                        _vstore(gh, o, _vload(wd, o, vw) * _vload(hS, ib * W, vw)
-                                + _vload(bh, o, vw))
-            else:
-                # four vectors of gate units at a time, held in registers across k
-                R = NQ * Hp
-                jb = 0
-                while jb + 4 <= KB:
-                    o = jb * W
-                    a0 = _vload(bh, o, vw)
-                    a1 = _vload(bh, o + W, vw)
-                    a2 = _vload(bh, o + 2 * W, vw)
-                    a3 = _vload(bh, o + 3 * W, vw)
-                    for k in range(P):
-                        hk = hS[k]
-                        a0 = a0 + _vload(wT, k * R + o, vw) * hk
-                        a1 = a1 + _vload(wT, k * R + o + W, vw) * hk
-                        a2 = a2 + _vload(wT, k * R + o + 2 * W, vw) * hk
-                        a3 = a3 + _vload(wT, k * R + o + 3 * W, vw) * hk
-                    _vstore(gh, o, a0)
-                    _vstore(gh, o + W, a1)
-                    _vstore(gh, o + 2 * W, a2)
-                    _vstore(gh, o + 3 * W, a3)
-                    jb += 4
-                for jj in range(jb, KB):
-                    o = jj * W
-                    acc = _vload(bh, o, vw)
-                    for k in range(P):
-                        acc = acc + _vload(wT, k * R + o, vw) * hS[k]
-                    _vstore(gh, o, acc)
+                        _vstore(gh, ga + r * R + o, _vload(wd, o, vw)
+                                * _vload(hS, r * Mp + ib * W, vw) + _vload(bh, o, vw))
+        else:  # gh = b_hh + W_hh h of every row
+            _mv(gh, ga, R, bh, 0, 0, hS, 0, Mp, wT, R, 1, P, 0, 1, nb, R // W, vw)
+        for r in range(nb):
+            b = lo + r
             x0 = b * sb + t * st
             o0 = b * ob + t * ot
+            g0 = ga + r * R
+            s0 = r * Mp
             for ib in range(Hp // W):
                 i0 = ib * W
                 n = min(W, H - i0)
@@ -111,64 +99,76 @@ def _rows_fwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, T,
                     h = _gru_f(_ld(gi, x0 + i0 * sj, sj, n, vw),
                                _ld(gi, x0 + (H + i0) * sj, sj, n, vw),
                                _ld(gi, x0 + (2 * H + i0) * sj, sj, n, vw),
-                               _vload(gh, i0, vw), _vload(gh, Hp + i0, vw),
-                               _vload(gh, 2 * Hp + i0, vw), _vload(hS, i0, vw))
-                    _vstore(hS, i0, h)
+                               _vload(gh, g0 + i0, vw), _vload(gh, g0 + Hp + i0, vw),
+                               _vload(gh, g0 + 2 * Hp + i0, vw), _vload(hS, s0 + i0, vw))
+                    _vstore(hS, s0 + i0, h)
                     _st(oh, o0 + i0 * oi, oi, n, h, vw)
                 elif cell == _LSTM:
                     s = _lstm_f(_ld(gi, x0 + i0 * sj, sj, n, vw),
                                 _ld(gi, x0 + (H + i0) * sj, sj, n, vw),
                                 _ld(gi, x0 + (2 * H + i0) * sj, sj, n, vw),
                                 _ld(gi, x0 + (3 * H + i0) * sj, sj, n, vw),
-                                _vload(gh, i0, vw), _vload(gh, Hp + i0, vw),
-                                _vload(gh, 2 * Hp + i0, vw), _vload(gh, 3 * Hp + i0, vw),
-                                _vload(cS, i0, vw))
+                                _vload(gh, g0 + i0, vw), _vload(gh, g0 + Hp + i0, vw),
+                                _vload(gh, g0 + 2 * Hp + i0, vw),
+                                _vload(gh, g0 + 3 * Hp + i0, vw), _vload(cS, r * Hp + i0, vw))
                     m = s[3] * s[5]
-                    _vstore(cS, i0, s[4])
+                    _vstore(cS, r * Hp + i0, s[4])
                     _st(oc, b * cb + t * ct + i0 * ci, ci, n, s[4], vw)
                     if proj:
                         _vstore(mS, i0, m)
                     else:
-                        _vstore(hS, i0, m)
+                        _vstore(hS, s0 + i0, m)
                         _st(oh, o0 + i0 * oi, oi, n, m, vw)
                 else:
-                    h = _elman_f(relu, _ld(gi, x0 + i0 * sj, sj, n, vw), _vload(gh, i0, vw))
-                    _vstore(hS, i0, h)
+                    h = _elman_f(relu, _ld(gi, x0 + i0 * sj, sj, n, vw),
+                                 _vload(gh, g0 + i0, vw))
+                    _vstore(hS, s0 + i0, h)
                     _st(oh, o0 + i0 * oi, oi, n, h, vw)
             if proj:
                 for pb in range(Pp // W):
-                    _vstore(hS, pb * W, _vfull(0.0, hS, vw))
+                    _vstore(hS, s0 + pb * W, _vfull(0.0, hS, vw))
                 for i in range(H):
                     mi = mS[i]
                     for pb in range(Pp // W):
-                        o = pb * W
-                        _vstore(hS, o, _vload(hS, o, vw) + _vload(whrT, i * Pp + o, vw) * mi)
+                        o = s0 + pb * W
+                        _vstore(hS, o, _vload(hS, o, vw) + _vload(whrT, i * Pp + pb * W, vw) * mi)
                 for pb in range(Pp // W):
                     p0 = pb * W
-                    _st(oh, o0 + p0 * oi, oi, min(W, P - p0), _vload(hS, p0, vw), vw)
+                    _st(oh, o0 + p0 * oi, oi, min(W, P - p0), _vload(hS, s0 + p0, vw), vw)
 
 
 def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh_, ghs, gc_,
-              gcs, dgi, dgs, dh0, dc0, wR, whr, dw, dwd, dbh, dwhr, T, H, P, lo, hi, vw):
-    """The adjoint of _rows_fwd over rows [lo, hi). Also padded: wR (K, Pp) = W_hh's rows,
-    whr (P, Hp); the gradients accumulate (summed over rows): dw (K, Pp), dwd and dbh (NQ Hp),
-    dwhr (P, Hp)."""
+              gcs, dgi, dgs, dh0, dc0, wR, whr, dw, dwd, dbh, dwhr, ghb, T, H, P, lo, hi, vw):
+    """The adjoint of _rows_fwd over rows [lo, hi), which go back in time together: the
+    recurrent products (recomputing W_hh h_{t-1}, and W_hh^T dy) of all of them in one pass
+    over the weights per step (``_mv``). A dense W_hh's gradient, the sum over rows and steps
+    of dy h_{t-1}^T, is taken over blocks of TB steps (dy and h_{t-1} of the block's steps
+    kept, then one product, ``_mv`` again): accumulated step by step it loaded and stored all of
+    dw per step for a few multiply-adds each (at H = 128, B = 8 half the sweep). Also padded:
+    wR (K, Pp) = W_hh's rows, whr (P, Hp); the gradients accumulate (summed over rows):
+    dw (K, Pp), dwd and dbh (NQ Hp), dwhr (P, Hp). ghb: empty, or the forward's W_hh h_{t-1}
+    + b_hh (``_rows_fwd``), then not recomputed."""
     W = len(vw)
     NQ = _NGATES_T[cell]
     Hp = (H + W - 1) // W * W
     Pp = (P + W - 1) // W * W
+    Mp = max(Pp, Hp)
+    R = NQ * Hp
+    nb = hi - lo
     lstm = cell == _LSTM
     proj = lstm and whrT.shape[0] > 0
     relu = cell == _ELMAN_RELU
     dt = bh.dtype
-    Mp = max(Pp, Hp)
-    hp = np.zeros(Mp, dtype=dt)
-    cp = np.zeros(Hp, dtype=dt)
-    gh = np.empty(NQ * Hp, dtype=dt)
-    dy = np.zeros(NQ * Hp, dtype=dt)
-    dh = np.zeros(Mp, dtype=dt)
-    dhn = np.zeros(Mp, dtype=dt)
-    dc = np.zeros(Hp, dtype=dt)
+    TB = 1 if diag else max(1, 64 // nb)
+    hpb = np.zeros(TB * nb * Mp, dtype=dt)  # (TB, nb, Mp): h_{t-1} of each row, TB steps
+    cp = np.zeros(nb * Hp, dtype=dt)
+    saved = ghb.shape[0] > 0
+    gh = ghb if saved else np.empty(nb * R, dtype=dt)  # (nb, NQ Hp) per step
+    Bt = ghb.shape[0] // (T * R) if saved else 0
+    dyb = np.zeros(TB * nb * R, dtype=dt)  # (TB, nb, NQ Hp): d(W_hh h + b_hh), TB steps
+    dh = np.zeros(nb * Mp, dtype=dt)
+    dhn = np.zeros(nb * Mp, dtype=dt)
+    dc = np.zeros(nb * Hp, dtype=dt)
     sv = np.zeros(6 * Hp if lstm else 1, dtype=dt)
     dm = np.zeros(Hp, dtype=dt)
     sb, st, sj = gs
@@ -178,10 +178,13 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
     qb, qt, qi = gcs
     db_, dt_, dj = dgs
     zero = _vfull(0.0, dh, vw)
-    for b in range(lo, hi):
-        dh[:] = 0.0
-        dc[:] = 0.0
-        for t in range(T - 1, -1, -1):
+    fill = 0  # steps in the block
+    for t in range(T - 1, -1, -1):
+        ho = fill * nb * Mp  # this step's rows of hpb, dyb
+        yo = fill * nb * R
+        ga = (t * Bt + lo) * R if saved else 0  # this step's rows of gh
+        for r in range(nb):
+            b = lo + r
             for kb in range(Pp // W):
                 k0 = kb * W
                 nk = min(W, P - k0)
@@ -189,10 +192,10 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
                     v = _vload_s(h0, b * P + k0, 1, nk, vw)
                 else:
                     v = _ld(oh, b * ob + (t - 1) * ot + k0 * oi, oi, nk, vw)
-                _vstore(hp, k0, v)
-                _vstore(dh, k0, _vload(dh, k0, vw)
+                _vstore(hpb, ho + r * Mp + k0, v)
+                _vstore(dh, r * Mp + k0, _vload(dh, r * Mp + k0, vw)
                         + _ld(gh_, b * gb + t * gt + k0 * gk, gk, nk, vw))
-                _vstore(dhn, k0, zero)
+                _vstore(dhn, r * Mp + k0, zero)
             if lstm:
                 for ib in range(Hp // W):
                     i0 = ib * W
@@ -201,43 +204,22 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
                         v = _vload_s(c0, b * H + i0, 1, n, vw)
                     else:
                         v = _ld(oc, b * cb + (t - 1) * ct + i0 * ci, ci, n, vw)
-                    _vstore(cp, i0, v)
-            KB = NQ * Hp // W
+                    _vstore(cp, r * Hp + i0, v)
             if diag:
                 for q in range(NQ):
                     for ib in range(Hp // W):
                         o = q * Hp + ib * W
-                        _vstore(gh, o, _vload(wd, o, vw) * _vload(hp, ib * W, vw)
-                                + _vload(bh, o, vw))
-            else:
-                # four vectors of gate units at a time, held in registers across k
-                R = NQ * Hp
-                jb = 0
-                while jb + 4 <= KB:
-                    o = jb * W
-                    a0 = _vload(bh, o, vw)
-                    a1 = _vload(bh, o + W, vw)
-                    a2 = _vload(bh, o + 2 * W, vw)
-                    a3 = _vload(bh, o + 3 * W, vw)
-                    for k in range(P):
-                        hk = hp[k]
-                        a0 = a0 + _vload(wT, k * R + o, vw) * hk
-                        a1 = a1 + _vload(wT, k * R + o + W, vw) * hk
-                        a2 = a2 + _vload(wT, k * R + o + 2 * W, vw) * hk
-                        a3 = a3 + _vload(wT, k * R + o + 3 * W, vw) * hk
-                    _vstore(gh, o, a0)
-                    _vstore(gh, o + W, a1)
-                    _vstore(gh, o + 2 * W, a2)
-                    _vstore(gh, o + 3 * W, a3)
-                    jb += 4
-                for jj in range(jb, KB):
-                    o = jj * W
-                    acc = _vload(bh, o, vw)
-                    for k in range(P):
-                        acc = acc + _vload(wT, k * R + o, vw) * hp[k]
-                    _vstore(gh, o, acc)
+                        _vstore(gh, ga + r * R + o, _vload(wd, o, vw)
+                                * _vload(hpb, ho + r * Mp + ib * W, vw) + _vload(bh, o, vw))
+        if not diag and not saved:  # gh = b_hh + W_hh h_{t-1} of every row
+            _mv(gh, ga, R, bh, 0, 0, hpb, ho, Mp, wT, R, 1, P, 0, 1, nb, R // W, vw)
+        for r in range(nb):
+            b = lo + r
             x0 = b * sb + t * st
             d0 = b * db_ + t * dt_
+            g0 = ga + r * R
+            y0 = yo + r * R
+            s0 = r * Mp
             if lstm:
                 for ib in range(Hp // W):
                     i0 = ib * W
@@ -246,20 +228,20 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
                                 _ld(gi, x0 + (H + i0) * sj, sj, n, vw),
                                 _ld(gi, x0 + (2 * H + i0) * sj, sj, n, vw),
                                 _ld(gi, x0 + (3 * H + i0) * sj, sj, n, vw),
-                                _vload(gh, i0, vw), _vload(gh, Hp + i0, vw),
-                                _vload(gh, 2 * Hp + i0, vw), _vload(gh, 3 * Hp + i0, vw),
-                                _vload(cp, i0, vw))
+                                _vload(gh, g0 + i0, vw), _vload(gh, g0 + Hp + i0, vw),
+                                _vload(gh, g0 + 2 * Hp + i0, vw),
+                                _vload(gh, g0 + 3 * Hp + i0, vw), _vload(cp, r * Hp + i0, vw))
                     for q in range(4):
                         _vstore(sv, q * Hp + i0, s[q])
                     _vstore(sv, 4 * Hp + i0, s[5])
                     _vstore(sv, 5 * Hp + i0, s[3] * s[5])
-                    _vstore(dc, i0, _vload(dc, i0, vw)
+                    _vstore(dc, r * Hp + i0, _vload(dc, r * Hp + i0, vw)
                             + _ld(gc_, b * qb + t * qt + i0 * qi, qi, n, vw))
                 if proj:
                     for ib in range(Hp // W):
                         _vstore(dm, ib * W, zero)
                     for p in range(P):
-                        dp = dh[p]
+                        dp = dh[s0 + p]
                         for ib in range(Hp // W):
                             o = ib * W
                             _vstore(dm, o, _vload(dm, o, vw) + _vload(whr, p * Hp + o, vw) * dp)
@@ -268,65 +250,68 @@ def _rows_bwd(cell, gi, gs, h0, c0, wT, wd, bh, diag, whrT, oh, ohs, oc, ocs, gh
                 for ib in range(Hp // W):
                     i0 = ib * W
                     n = min(W, H - i0)
-                    r = _lstm_b(_vload(sv, i0, vw), _vload(sv, Hp + i0, vw),
-                                _vload(sv, 2 * Hp + i0, vw), _vload(sv, 3 * Hp + i0, vw),
-                                _vload(sv, 4 * Hp + i0, vw), _vload(cp, i0, vw),
-                                _vload(dm if proj else dh, i0, vw), _vload(dc, i0, vw))
+                    r5 = _lstm_b(_vload(sv, i0, vw), _vload(sv, Hp + i0, vw),
+                                 _vload(sv, 2 * Hp + i0, vw), _vload(sv, 3 * Hp + i0, vw),
+                                 _vload(sv, 4 * Hp + i0, vw), _vload(cp, r * Hp + i0, vw),
+                                 _vload(dm, i0, vw) if proj else _vload(dh, s0 + i0, vw),
+                                 _vload(dc, r * Hp + i0, vw))
                     for q in range(4):
-                        _st(dgi, d0 + (q * H + i0) * dj, dj, n, r[q], vw)
-                        _vstore(dy, q * Hp + i0, r[q])
-                    _vstore(dc, i0, r[4])
+                        _st(dgi, d0 + (q * H + i0) * dj, dj, n, r5[q], vw)
+                        _vstore(dyb, y0 + q * Hp + i0, r5[q])
+                    _vstore(dc, r * Hp + i0, r5[4])
             else:
                 for ib in range(Hp // W):
                     i0 = ib * W
                     n = min(W, H - i0)
                     if cell == _GRU:
-                        r = _gru_b(_ld(gi, x0 + i0 * sj, sj, n, vw),
-                                   _ld(gi, x0 + (H + i0) * sj, sj, n, vw),
-                                   _ld(gi, x0 + (2 * H + i0) * sj, sj, n, vw),
-                                   _vload(gh, i0, vw), _vload(gh, Hp + i0, vw),
-                                   _vload(gh, 2 * Hp + i0, vw), _vload(hp, i0, vw),
-                                   _vload(dh, i0, vw))
-                        _st(dgi, d0 + i0 * dj, dj, n, r[0], vw)
-                        _st(dgi, d0 + (H + i0) * dj, dj, n, r[1], vw)
-                        _st(dgi, d0 + (2 * H + i0) * dj, dj, n, r[2], vw)
-                        _vstore(dy, i0, r[0])
-                        _vstore(dy, Hp + i0, r[1])
-                        _vstore(dy, 2 * Hp + i0, r[3])
-                        _vstore(dhn, i0, r[4])
+                        r5 = _gru_b(_ld(gi, x0 + i0 * sj, sj, n, vw),
+                                    _ld(gi, x0 + (H + i0) * sj, sj, n, vw),
+                                    _ld(gi, x0 + (2 * H + i0) * sj, sj, n, vw),
+                                    _vload(gh, g0 + i0, vw), _vload(gh, g0 + Hp + i0, vw),
+                                    _vload(gh, g0 + 2 * Hp + i0, vw), _vload(hpb, ho + s0 + i0, vw),
+                                    _vload(dh, s0 + i0, vw))
+                        _st(dgi, d0 + i0 * dj, dj, n, r5[0], vw)
+                        _st(dgi, d0 + (H + i0) * dj, dj, n, r5[1], vw)
+                        _st(dgi, d0 + (2 * H + i0) * dj, dj, n, r5[2], vw)
+                        _vstore(dyb, y0 + i0, r5[0])
+                        _vstore(dyb, y0 + Hp + i0, r5[1])
+                        _vstore(dyb, y0 + 2 * Hp + i0, r5[3])
+                        _vstore(dhn, s0 + i0, r5[4])
                     else:
-                        r1 = _elman_b(relu, _ld(gi, x0 + i0 * sj, sj, n, vw), _vload(gh, i0, vw),
-                                      _vload(dh, i0, vw))
+                        r1 = _elman_b(relu, _ld(gi, x0 + i0 * sj, sj, n, vw),
+                                      _vload(gh, g0 + i0, vw), _vload(dh, s0 + i0, vw))
                         _st(dgi, d0 + i0 * dj, dj, n, r1, vw)
-                        _vstore(dy, i0, r1)
+                        _vstore(dyb, y0 + i0, r1)
             # the padded lanes of dy hold finite values that only meet zero weights below
-            for jb in range(NQ * Hp // W):
+            for jb in range(R // W):
                 o = jb * W
-                _vstore(dbh, o, _vload(dbh, o, vw) + _vload(dy, o, vw))
+                _vstore(dbh, o, _vload(dbh, o, vw) + _vload(dyb, y0 + o, vw))
             if diag:
                 for q in range(NQ):
                     for ib in range(Hp // W):
                         o = q * Hp + ib * W
-                        dyq = _vload(dy, o, vw)
-                        _vstore(dwd, o, _vload(dwd, o, vw) + dyq * _vload(hp, ib * W, vw))
-                        _vstore(dhn, ib * W, _vload(dhn, ib * W, vw) + _vload(wd, o, vw) * dyq)
-            else:
-                for q in range(NQ):
-                    for i in range(H):
-                        j = q * H + i
-                        dyj = dy[q * Hp + i]
-                        for kb in range(Pp // W):
-                            o = kb * W
-                            _vstore(dw, j * Pp + o, _vload(dw, j * Pp + o, vw)
-                                    + _vload(hp, o, vw) * dyj)
-                            _vstore(dhn, o, _vload(dhn, o, vw) + _vload(wR, j * Pp + o, vw) * dyj)
+                        dyq = _vload(dyb, y0 + o, vw)
+                        _vstore(dwd, o, _vload(dwd, o, vw)
+                                + dyq * _vload(hpb, ho + s0 + ib * W, vw))
+                        _vstore(dhn, s0 + ib * W, _vload(dhn, s0 + ib * W, vw)
+                                + _vload(wd, o, vw) * dyq)
+        if not diag:
+            _mv(dhn, 0, Mp, dhn, 0, Mp, dyb, yo, R, wR, Pp, NQ, H, Hp, 1, nb, Pp // W, vw)
+            fill += 1
+            if fill == TB or t == 0:  # dw[q H + i, :] += sum over the block's (step, row) m
+                for q in range(NQ):  # of dyb[m, q Hp + i] hpb[m, :]
+                    _mv(dw, q * H * Pp, Pp, dw, q * H * Pp, Pp, dyb, q * Hp, 1, hpb, Mp, 1,
+                        fill * nb, 0, R, H, Pp // W, vw)
+                fill = 0
+        for r in range(nb):
             for kb in range(Pp // W):
-                _vstore(dh, kb * W, _vload(dhn, kb * W, vw))
+                _vstore(dh, r * Mp + kb * W, _vload(dhn, r * Mp + kb * W, vw))
+    for r in range(nb):
         for k in range(P):
-            dh0[b * P + k] = dh[k]
+            dh0[(lo + r) * P + k] = dh[r * Mp + k]
         if lstm:
             for i in range(H):
-                dc0[b * H + i] = dc[i]
+                dc0[(lo + r) * H + i] = dc[r * Hp + i]
 
 
 # ----------------------------------------------------------------------------- Newton sweeps

@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 _LINKED = ("_vpow2", "_vnan_to", "_vload", "_vload_s", "_vstore", "_vstore_s", "_vfull", "_ld",
-           "_st")
+           "_st", "_sload")
 """The stubs ``_define_simd`` replaces by intrinsics."""
 
 # ----------------------------------------------------------------------------- float32 tanh
@@ -96,6 +96,11 @@ def _tanh_from_expm1(u):
 
 def _vload(a, off, vw):
     """a[off:off + W] of a 1-D contiguous array."""
+
+
+def _sload(a, off):
+    """a[off] of a 1-D contiguous array, off >= 0 (no wraparound of negative indices, which
+    numba's indexing checks for on every access)."""
 
 
 def _vload_s(a, off, s, n, vw):
@@ -186,6 +191,13 @@ def _define_simd(numba) -> None:
             ptr = builder.bitcast(ptr, ir.PointerType(context.get_value_type(vt)))
             return builder.load(ptr, align=sig.args[0].dtype.bitwidth // 8)
         return vt(a, off, vw), codegen
+
+    @intrinsic
+    def sload(typingctx, a, off):
+        def codegen(context, builder, sig, args):
+            arr = context.make_array(sig.args[0])(context, builder, args[0])
+            return builder.load(builder.gep(arr.data, [args[1]]))
+        return a.dtype(a, off), codegen
 
     def lane_loop(builder, n, width, body):
         """for lane in range(min(n, width)): body(lane), as an IR loop (a small function body
@@ -425,7 +437,8 @@ def _define_simd(numba) -> None:
     g["_vnan_to"] = vnan_to
 
     for name, fn in (("_vload", vload), ("_vload_s", vload_s), ("_vstore", vstore),
-                     ("_vstore_s", vstore_s), ("_vfull", vfull), ("_ld", ld), ("_st", st)):
+                     ("_vstore_s", vstore_s), ("_vfull", vfull), ("_ld", ld), ("_st", st),
+                     ("_sload", sload)):
         g[name] = fn
 
 
