@@ -365,3 +365,18 @@ def test_nan_propagates_like_the_loop(cell, dtype, B):
     out, ref = (out[0], ref[0]) if cell == "lstm" else (out, ref)
     assert torch.equal(out.isnan(), ref.isnan())
     assert bool(out[1, 4:].isnan().any(-1).all()) and not bool(out[0].isnan().any())
+
+
+@pytest.mark.parametrize("mode", ["GRU", "LSTM", "RNN"])
+def test_weight_gradients_have_resizable_storage(mode):
+    """FSDP frees a parameter's storage by resizing it: neither the parameters nor the compiled
+    path's weight gradients may share memory with NumPy (taking .numpy() of a tensor, or
+    torch.from_numpy, makes its storage non-resizable)."""
+    import paraseq.nn as pnn
+
+    m = getattr(pnn, mode)(3, 40 if mode == "GRU" else 8, method="auto")  # rows / lanes
+    m(torch.randn(50, 8, 3))[0].sum().backward()
+    assert "compiled" in m.last_path
+    for p in m.parameters():  # a same-size resize raises for NumPy-shared storage
+        for t in (p, p.grad):
+            t.untyped_storage().resize_(t.untyped_storage().nbytes())

@@ -318,7 +318,10 @@ def _backward(cell: int, gi: Tensor, h0: Tensor, c0: Tensor | None, weight_hh: T
         s = parts[0][i]
         for p in parts[1:]:
             s = s + p[i]
-        return torch.from_numpy(np.ascontiguousarray(s))
+        # a torch-owned copy: autograd hands weight gradients to the parameters' .grad, and
+        # FSDP frees storage by resizing it, which a tensor that shares memory with NumPy
+        # (torch.from_numpy, or any tensor whose .numpy() was taken) refuses
+        return torch.from_numpy(np.ascontiguousarray(s)).clone()
 
     dwh = total(0)
     dbh = total(1)

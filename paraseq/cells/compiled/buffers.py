@@ -68,9 +68,11 @@ class _Weights:
         self.diag = weight_hh.dim() == 1
         dt = weight_hh.dtype
         empty = np.zeros(0, dtype=np.float32 if dt == torch.float32 else np.float64)
-        wh = weight_hh.detach()
-        bh = bias_hh.detach()
-        whr = None if weight_hr is None else weight_hr.detach()
+        # copies: taking .numpy() of a tensor makes its storage non-resizable, and FSDP frees
+        # an unsharded parameter by resizing its storage to zero
+        wh = weight_hh.detach().clone()
+        bh = bias_hh.detach().clone()
+        whr = None if weight_hr is None else weight_hr.detach().clone()
         wn, bn = wh.numpy(), bh.numpy()
         whrn = None if whr is None else whr.numpy()
         self.empty = empty
