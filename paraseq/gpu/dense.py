@@ -77,6 +77,7 @@ from .newton import (
     DEFAULT_MAX_ITER,
     PATIENCE,
     SUPPORTED,
+    _check_shared,
     _compile_failure,
     default_tol,
     work_dtype,
@@ -402,28 +403,8 @@ def _check(cell, gi, h0, c0, weight_hh, bias_hh, on_failure, iterations, max_ite
     elif c0 is not None:
         raise ValueError(f"dense_newton: c0 is the lstm's initial cell state; the {cell} has "
                          f"none")
-    for name, (t, shape) in want.items():
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"dense_newton: {name} must have shape {shape} for gi "
-                             f"{tuple(gi.shape)}; got {tuple(t.shape)}")
-    for name, (t, _) in [*want.items(), ("weight_hh", (weight_hh, None))]:
-        if t is not None and t.device != gi.device:
-            raise ValueError(f"dense_newton: {name} is on {t.device} but gi is on "
-                             f"{gi.device}; move them to one device")
-    if on_failure not in ("fallback", "raise", "warn"):
-        raise ValueError(f"dense_newton: on_failure must be 'fallback', 'raise' or 'warn'; "
-                         f"got {on_failure!r}")
-    for name, v in (("iterations", iterations), ("max_iter", max_iter)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"dense_newton: {name} must be a positive int or None; got {v!r}")
-    if iterations is not None and max_iter is not None:
-        raise ValueError("dense_newton: give iterations (a fixed count) or max_iter (a cap), "
-                         "not both")
-    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol)
-                                and tol > 0):
-        raise ValueError(f"dense_newton: tol must be a positive finite number or None; got "
-                         f"{tol!r}")
-
+    _check_shared("dense_newton", gi, want, {"weight_hh": weight_hh}, on_failure, iterations,
+                  max_iter, tol)
 
 def dense_newton(cell: str, gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tensor | None,
                  c0: Tensor | None = None, *, tol: float | None = None,

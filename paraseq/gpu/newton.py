@@ -378,28 +378,36 @@ def _check(kind, gi, h0, c0, weight_hh, bias_hh, on_failure, iterations, max_ite
         want["c0"] = (c0, (B, H))
     elif c0 is not None:
         raise ValueError("diag_newton: c0 is the lstm's initial cell state; the gru has none")
+    _check_shared("diag_newton", gi, want, {}, on_failure, iterations, max_iter, tol)
+
+
+def _check_shared(fn: str, gi: Tensor, want: dict, others: dict, on_failure: str,
+                  iterations: int | None, max_iter: int | None, tol: float | None) -> None:
+    """The checks ``diag_newton`` and ``paraseq.gpu.dense_newton`` share: every tensor in
+    ``want`` (name -> (tensor or None, expected shape)) has its shape, these and ``others``
+    (name -> tensor) are on gi's device, and the options are valid. ``fn`` names the caller."""
     for name, (t, shape) in want.items():
         if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"diag_newton: {name} must have shape {shape} for gi "
+            raise ValueError(f"{fn}: {name} must have shape {shape} for gi "
                              f"{tuple(gi.shape)}; got {tuple(t.shape)}")
-    for name, (t, _) in want.items():
+    tensors = [(name, t) for name, (t, _) in want.items()] + list(others.items())
+    for name, t in tensors:
         if t is not None and t.device != gi.device:
-            raise ValueError(f"diag_newton: {name} is on {t.device} but gi is on {gi.device}; "
+            raise ValueError(f"{fn}: {name} is on {t.device} but gi is on {gi.device}; "
                              f"move them to one device")
     if on_failure not in ("fallback", "raise", "warn"):
-        raise ValueError(f"diag_newton: on_failure must be 'fallback', 'raise' or 'warn'; got "
+        raise ValueError(f"{fn}: on_failure must be 'fallback', 'raise' or 'warn'; got "
                          f"{on_failure!r}")
     for name, v in (("iterations", iterations), ("max_iter", max_iter)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"diag_newton: {name} must be a positive int or None; got {v!r}")
+            raise ValueError(f"{fn}: {name} must be a positive int or None; got {v!r}")
     if iterations is not None and max_iter is not None:
-        raise ValueError("diag_newton: give iterations (a fixed count) or max_iter (a cap), "
+        raise ValueError(f"{fn}: give iterations (a fixed count) or max_iter (a cap), "
                          "not both")
     if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol)
                                 and tol > 0):
-        raise ValueError(f"diag_newton: tol must be a positive finite number or None; got "
+        raise ValueError(f"{fn}: tol must be a positive finite number or None; got "
                          f"{tol!r}")
-
 
 def diag_newton(cell: str, gi: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Tensor | None,
                 c0: Tensor | None = None, *, tol: float | None = None,
