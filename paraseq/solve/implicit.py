@@ -20,8 +20,7 @@ from torch import Tensor
 
 from ..scan import linear_scan
 from .cell import FlatCell
-from .iterate import block_scan, evaluate, from_blocks, residual_map, shift, to_blocks
-from .methods import evaluate_rows
+from .iterate import _eval, block_scan, evaluate, from_blocks, residual_map, shift, to_blocks
 
 POLISH_MAX_D = 64
 """The largest state size (with a dense Jacobian) whose float32 solves at the default tolerance
@@ -57,7 +56,7 @@ def _polish(fc: FlatCell, X: Tensor, H: Tensor, h0: Tensor, cell_dtype: torch.dt
     evaluation of the cell."""
     Hp = shift(H, h0)
     if F0 is None:
-        F0 = _evaluate(fc, source, X, Hp, cell_dtype).to(H.dtype)
+        F0 = _eval(fc, source, X, Hp, cell_dtype).to(H.dtype)
     r0 = residual_map(H, F0).max()
     if not bool(r0 > POLISH_SKIP):  # at the rounding floor already (Newton, usually)
         return H, F0
@@ -67,20 +66,9 @@ def _polish(fc: FlatCell, X: Tensor, H: Tensor, h0: Tensor, cell_dtype: torch.dt
     else:
         e = _Adjoint(fc, X, Hp, cell_dtype, chunk_T, source).tangent(F0 - H)
     H1 = H + e
-    F1 = _evaluate(fc, source, X, shift(H1, h0), cell_dtype).to(H.dtype)
+    F1 = _eval(fc, source, X, shift(H1, h0), cell_dtype).to(H.dtype)
     r1 = residual_map(H1, F1).max()
     return (H1, F1) if bool(r1 <= r0) else (H, F0)
-
-
-def _evaluate(fc: FlatCell, source: str | None, X: Tensor, Hp: Tensor,
-              cell_dtype: torch.dtype) -> Tensor:
-    """f on all B x T rows without a graph: compiled where the solve's Jacobians are."""
-    B, T, D = Hp.shape
-    if source == "compiled" and not torch.is_grad_enabled():
-        F = evaluate_rows(fc, source, X.reshape(B * T, X.shape[-1]),
-                          Hp.reshape(B * T, D).to(cell_dtype))
-        return F.reshape(B, T, D)
-    return evaluate(fc, X, Hp.to(cell_dtype))
 
 
 class _Adjoint:

@@ -210,12 +210,19 @@ def _expect_converged(residuals: list[float], tol: float, method: Method) -> boo
     """Whether a Newton-type iteration's next residual is predicted under ``tol`` from the last
     two, r_k and r_{k-1}: quadratic convergence, r_{k+1} ~ r_k^2 / r_{k-1}^2 r_k, with a
     margin of 10."""
+    r_pred = _newton_prediction(residuals, method)
+    return r_pred is not None and r_pred <= 0.1 * tol
+
+
+def _newton_prediction(residuals: list[float], method: Method) -> float | None:
+    """Newton's next residual from the last two, r_k^3 / r_{k-1}^2, or None where the method
+    is not Newton-type or the last two are not a finite decrease."""
     if method.structure != "dense" or len(residuals) < 2:
-        return False
+        return None
     r0, r1 = residuals[-2], residuals[-1]
     if not (0 < r1 < r0 < float("inf")):
-        return False
-    return r1 * (r1 / r0) ** 2 <= 0.1 * tol
+        return None
+    return r1 * (r1 / r0) ** 2
 
 
 def _expect_chord(residuals: list[float], tol: float, method: Method,
@@ -225,13 +232,8 @@ def _expect_chord(residuals: list[float], tol: float, method: Method,
     (``_chord_converges``). With r_{k-1}, r_{k-2} the last two residuals, Newton predicts
     r_k ~ r_{k-1}^3 / r_{k-2}^2; a chord step's residual is about r_k^2 / r_{k-1} (its error
     is the product of the last two corrections, where Newton's is the last one squared)."""
-    if last_A is None or method.structure != "dense" or len(residuals) < 2:
-        return False
-    r0, r1 = residuals[-2], residuals[-1]
-    if not (0 < r1 < r0 < float("inf")):
-        return False
-    r_pred = r1 * (r1 / r0) ** 2
-    return r_pred * r_pred / r1 <= 0.1 * tol
+    r_pred = _newton_prediction(residuals, method) if last_A is not None else None
+    return r_pred is not None and r_pred * r_pred / residuals[-1] <= 0.1 * tol
 
 
 def _chord_converges(residuals: list[float], r: float, tol: float,
