@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 import paraseq
@@ -53,3 +54,68 @@ def test_solve_is_the_same_with_and_without(monkeypatch):
         monkeypatch.setattr(_heap, "ENABLED", False)
         b = paraseq.solve_recurrence(cell, x, h0, method="newton")
     assert torch.equal(a, b)
+
+
+def _wait_inactive(timeout: float) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not _heap.active():
+            return True
+        time.sleep(0.01)
+    return not _heap.active()
+
+
+def test_retention_lingers_after_the_last_solve_then_ends(monkeypatch):
+    if not (_heap._glibc() and _heap.ENABLED):
+        pytest.skip("glibc's heap only (nothing is switched elsewhere)")
+    monkeypatch.setattr(_heap, "LINGER", 0.2)
+    with _heap.retained():
+        assert _heap.active()
+    assert _heap._depth == 0 and _heap.active()  # kept for the next solve
+    with _heap.retained():  # a solve within the linger: still on, timer reset
+        assert _heap.active()
+    assert _heap.active()
+    assert _wait_inactive(5.0)  # then glibc's settings come back and the pages are trimmed
+
+
+def test_release_ends_the_retention_now(monkeypatch):
+    if not (_heap._glibc() and _heap.ENABLED):
+        pytest.skip("glibc's heap only (nothing is switched elsewhere)")
+    monkeypatch.setattr(_heap, "LINGER", 60.0)
+    with _heap.retained():
+        _heap.release()  # inside a solve: nothing happens
+        assert _heap.active()
+    assert _heap.active()
+    _heap.release()
+    assert not _heap.active() and _heap._timer is None
+
+
+def test_linger_zero_restores_at_exit(monkeypatch):
+    monkeypatch.setattr(_heap, "LINGER", 0.0)
+    with _heap.retained():
+        pass
+    assert not _heap.active()
+
+
+def test_a_forked_child_starts_restored(monkeypatch):
+    import os
+
+    if not (_heap._glibc() and _heap.ENABLED) or not hasattr(os, "fork"):
+        pytest.skip("glibc's heap and os.fork only")
+    monkeypatch.setattr(_heap, "LINGER", 60.0)
+    with _heap.retained():
+        pass
+    assert _heap.active()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its state and leave without running pytest's exit
+        os.write(w, b"1" if (not _heap.active() and _heap._depth == 0) else b"0")
+        os._exit(0)
+    os.close(w)
+    got = os.read(r, 1)
+    os.waitpid(pid, 0)
+    os.close(r)
+    _heap.release()
+    assert got == b"1"
