@@ -94,12 +94,16 @@ def _build(fc: FlatCell, kind: str, D: int, tag: str) -> Callable:
 
 
 def _options(D: int) -> dict:
-    """Inductor's options for state size D: its CPU kernels vectorise the innermost dim (D
-    here) with the widest registers (16 float32 lanes on AVX-512), so at D = 8 half of every
-    vector is masked off; 8-lane vectors fit such D exactly (1.2x faster at D = 8)."""
+    """Inductor's options for state size D: ``_graph_pass.PASS`` (products by zero and over
+    one term out of the BLAS); and since its CPU kernels vectorise the innermost dim (D here)
+    with the widest registers (16 float32 lanes on AVX-512), at D = 8 half of every vector is
+    masked off: 8-lane vectors fit such D exactly (1.2x faster at D = 8)."""
+    from ._graph_pass import PASS
+
+    options = {"post_grad_custom_pre_pass": PASS}  # no GEMMs by zero or over one term
     if D % 16 and D % 8 == 0:
-        return {"cpp.simdlen": 256}
-    return {}
+        options["cpp.simdlen"] = 256
+    return options
 
 
 
