@@ -34,6 +34,7 @@ from .iterate import (
     evaluate,
     first_failure,
     residual_map,
+    residual_max,
     run,
     sequential,
     shift,
@@ -778,7 +779,7 @@ def solve_recurrence(
         F = _eval(fc, source, X, shift(H, h0_flat), cell_dtype)
     else:
         F = evaluate(fc, X, shift(H.to(cell_dtype), h0_flat.to(cell_dtype)))
-    info.residual = float(residual_map(H, F.detach().to(work_dtype)).max())
+    info.residual = residual_max(H, F.detach().to(work_dtype))
     info.converged = info.residual <= tol
     if _contract_broken(fc, X, shift(H, h0_flat).detach(), F.detach(), cell_dtype, name,
                         info.converged):

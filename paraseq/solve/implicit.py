@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..scan import linear_scan
 from .cell import FlatCell
-from .iterate import _eval, block_scan, evaluate, from_blocks, residual_map, shift, to_blocks
+from .iterate import _eval, block_scan, evaluate, from_blocks, residual_max, shift, to_blocks
 
 POLISH_MAX_D = 64
 """The largest state size (with a dense Jacobian) whose float32 solves at the default tolerance
@@ -57,8 +57,8 @@ def _polish(fc: FlatCell, X: Tensor, H: Tensor, h0: Tensor, cell_dtype: torch.dt
     Hp = shift(H, h0)
     if F0 is None:
         F0 = _eval(fc, source, X, Hp, cell_dtype).to(H.dtype)
-    r0 = residual_map(H, F0).max()
-    if not bool(r0 > POLISH_SKIP):  # at the rounding floor already (Newton, usually)
+    r0 = residual_max(H, F0)
+    if not r0 > POLISH_SKIP:  # at the rounding floor already (Newton, usually)
         return H, F0
     if J is not None and J.shape[:2] == H.shape[:2]:  # w_t = v_t + J_t w_{t-1}, w_0 = v_0
         e = linear_scan(J, (F0 - H).to(J.dtype), torch.zeros_like(h0, dtype=J.dtype),
@@ -67,8 +67,8 @@ def _polish(fc: FlatCell, X: Tensor, H: Tensor, h0: Tensor, cell_dtype: torch.dt
         e = _Adjoint(fc, X, Hp, cell_dtype, chunk_T, source).tangent(F0 - H)
     H1 = H + e
     F1 = _eval(fc, source, X, shift(H1, h0), cell_dtype).to(H.dtype)
-    r1 = residual_map(H1, F1).max()
-    return (H1, F1) if bool(r1 <= r0) else (H, F0)
+    r1 = residual_max(H1, F1)
+    return (H1, F1) if r1 <= r0 else (H, F0)
 
 
 class _Adjoint:

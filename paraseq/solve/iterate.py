@@ -40,6 +40,16 @@ def residual_map(H: Tensor, F: Tensor) -> Tensor:
     return (H - F).abs() / (1 + F.abs())  # (B, T, D)
 
 
+def residual_max(H: Tensor, F: Tensor) -> float:
+    """``residual_map(H, F).max()`` as a float (0 for empty tensors; nan where any is), in
+    three passes over the data with two temporaries instead of six passes with five (2.4 ->
+    1.2 ms over 1.3e6 float32 values): it is taken once per iteration."""
+    if H.numel() == 0:
+        return 0.0
+    with torch.no_grad():
+        return float(torch.sub(H, F).abs_().div_(F.abs().add_(1)).max())
+
+
 def first_failure(res: Tensor, tol: float) -> int:
     """The first time step whose residual (over batch and features) is not <= tol, or T."""
     bad = ~(res <= tol).all(dim=-1).all(dim=0)  # (T,)
@@ -176,7 +186,7 @@ def run(fc: FlatCell, method: Method, source: str | None, X: Tensor, h0: Tensor,
             # converge, f alone is evaluated first and the Jacobian (D times f's cost, or
             # more) only if the residual says otherwise
             F = _eval(fc, source, X, Hp, cell_dtype)
-            r = float(residual_map(H.detach(), F.detach()).max()) if H.numel() else 0.0
+            r = residual_max(H.detach(), F.detach())
             if r <= tol:
                 pass
             elif _chord_converges(residuals, r, tol, last_A):
@@ -185,7 +195,7 @@ def run(fc: FlatCell, method: Method, source: str | None, X: Tensor, h0: Tensor,
                 F, A, b = _lin_rhs(fc, method, source, X, Hp, cell_dtype, samples, generator)
         else:
             F, A, b = _lin_rhs(fc, method, source, X, Hp, cell_dtype, samples, generator)
-            r = float(residual_map(H.detach(), F.detach()).max()) if H.numel() else 0.0
+            r = residual_max(H.detach(), F.detach())
         residuals.append(r)
         if A is not None and A.dim() == 4 and method.structure == "dense" and not (
                 fixed_iterations):
@@ -277,7 +287,7 @@ def _levenberg_marquardt(fc: FlatCell, method: Method, source: str | None, X: Te
     k = 0
     while True:
         r_vec = H - F  # (B, T, D)
-        r = float(residual_map(H.detach(), F.detach()).max())
+        r = residual_max(H.detach(), F.detach())
         residuals.append(r)
         if not fixed_iterations and r <= tol:
             return LoopResult(H, F, True, k, residuals)
