@@ -1,12 +1,18 @@
 """A user-written GRU by newton [compiled], timed in process CPU time (less sensitive than wall
-time to other processes on a shared machine), optionally A/B against paraseq._heap off.
+time to other processes on a shared machine), optionally A/B against one of paraseq's CPU
+choices switched off.
 
     python benchmarks/user_cell_ab.py                      # issue 16's four workloads
-    python benchmarks/user_cell_ab.py --ab heap            # freed memory kept vs not, interleaved
+    python benchmarks/user_cell_ab.py --ab heap            # freed memory kept vs not
+    python benchmarks/user_cell_ab.py --ab pass            # with/without solve._graph_pass
+    python benchmarks/user_cell_ab.py --ab tanh            # exp-form tanh vs SLEEF's
     python benchmarks/user_cell_ab.py --workloads 32,16,10000 --repeats 5
 
 Run at two commits to compare them (the numbers in benchmarks/README.md name the commits).
-Median of ``--repeats`` after a warm-up (the warm-up pays the compilation), one thread.
+With ``--ab``, each arm runs ``--repeats`` solves back to back (as a training loop does: the
+heap's retention carries from one solve to the next), in blocks A, B, A, B; the median of each
+arm's timed solves is printed. A block that changes the compiled functions' options clears
+paraseq's compiled cache and pays its compilation in an untimed warm-up. One thread.
 """
 
 from __future__ import annotations
@@ -25,13 +31,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from any_cell import WORKLOADS, make_cell
 
 from paraseq import _heap, solve_recurrence
+from paraseq.solve import jit
+
+_OPTIONS = jit._options
+
+
+def _defaults() -> None:
+    _heap.ENABLED = True
+    if jit._options is not _OPTIONS:
+        jit._options = _OPTIONS
+        jit.clear()
+
+
+def _heap_off() -> None:
+    _defaults()
+    _heap.ENABLED = False
+    _heap.release()
+
+
+def _options_without(option: str):
+    def setup() -> None:
+        _defaults()
+        jit._options = lambda D, dtype=torch.float32: {
+            k: v for k, v in _OPTIONS(D, dtype).items() if k != option}
+        jit.clear()
+    return setup
+
+
+ARMS = {
+    "none": [("newton [compiled]", _defaults)],
+    "heap": [("heap kept", _defaults), ("not kept", _heap_off)],
+    "pass": [("with the pass", _defaults),
+             ("without", _options_without("post_grad_custom_pre_pass"))],
+    "tanh": [("exp-form tanh", _defaults),
+             ("SLEEF tanh", _options_without("cpp.use_decompose_tanh"))],
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workloads", nargs="+", default=None, help="hidden,batch,T triples")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--ab", choices=["none", "heap"], default="none")
+    p.add_argument("--ab", choices=list(ARMS), default="none")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     loads = ([tuple(int(v) for v in w.split(",")) for w in args.workloads] if args.workloads
@@ -45,23 +86,21 @@ def main(argv: list[str] | None = None) -> int:
             solve_recurrence(cell, x, h0, method="newton", jacobian="compiled",
                              on_cost="ignore")
 
-        arms = (True, False) if args.ab == "heap" else (True,)
-        times: dict[bool, list[float]] = {a: [] for a in arms}
+        arms = ARMS[args.ab]
+        times: dict[str, list[float]] = {name: [] for name, _ in arms}
         with torch.no_grad():
-            run()
-            for _ in range(args.repeats):
-                for arm in arms:
-                    _heap.ENABLED = arm
-                    t0 = time.process_time()
-                    run()
-                    times[arm].append(time.process_time() - t0)
-        _heap.ENABLED = True
+            for _ in range(2 if len(arms) > 1 else 1):
+                for name, setup in arms:
+                    setup()
+                    run()  # warm-up (compiles where the options changed)
+                    for _ in range(args.repeats):
+                        t0 = time.process_time()
+                        run()
+                        times[name].append(time.process_time() - t0)
+        ARMS["none"][0][1]()  # back to paraseq's defaults
         med = {a: sorted(v)[len(v) // 2] * 1e3 for a, v in times.items()}
-        if args.ab == "heap":
-            print(f"hidden {D}, batch {B}, T {T}: heap kept {med[True]:.0f} ms, "
-                  f"not kept {med[False]:.0f} ms")
-        else:
-            print(f"hidden {D}, batch {B}, T {T}: {med[True]:.0f} ms")
+        print(f"hidden {D}, batch {B}, T {T}: "
+              + ", ".join(f"{name} {ms:.0f} ms" for name, ms in med.items()))
     return 0
 
 
