@@ -122,10 +122,10 @@ class _Adjoint:
                                .squeeze(-1))
         return torch.matmul(J, v.unsqueeze(-1)).squeeze(-1)
 
-    def _scan(self, coef: Tensor, b: Tensor, reverse: bool) -> Tensor:
+    def _scan(self, coef: Tensor, b: Tensor, x0: Tensor, reverse: bool) -> Tensor:
         if coef.dim() == 5:
-            return block_scan(coef, b, None, reverse=reverse)
-        return linear_scan(coef, b, reverse=reverse,
+            return block_scan(coef, b, x0, reverse=reverse)
+        return linear_scan(coef, b, x0, reverse=reverse,
                            structure="diagonal" if self.diagonal else "dense")
 
     def __call__(self, g: Tensor) -> Tensor:
@@ -138,11 +138,15 @@ class _Adjoint:
                 s = max(0, e - self.chunk_T)
                 J = self._jacobians(s, e)
                 JT = J if self.diagonal else J.transpose(-1, -2)
-                coef = torch.cat([JT[:, 1:], torch.zeros_like(JT[:, :1])], dim=1)
                 gc = g[:, s:e].clone()
                 if carry is not None:
                     gc[:, -1] += carry
-                lam_c = self._scan(coef, gc, reverse=True)
+                # the chunk's last step has no J_{t+1} inside the chunk: it is the scan's
+                # starting state, and the coefficients are JT[1:] (not a shifted copy with a
+                # zero block appended)
+                lam_c = gc if e - s == 1 else torch.cat(
+                    [self._scan(JT[:, 1:], gc[:, :-1], gc[:, -1], reverse=True), gc[:, -1:]],
+                    dim=1)
                 lam[:, s:e] = lam_c
                 carry = self._apply(JT[:, 0], lam_c[:, 0])
         return lam
@@ -156,11 +160,11 @@ class _Adjoint:
             for s in range(0, T, self.chunk_T):
                 e = min(T, s + self.chunk_T)
                 J = self._jacobians(s, e)
-                vc = v[:, s:e].clone()
-                if carry is not None:
-                    vc[:, 0] += self._apply(J[:, 0], carry)
-                coef = torch.cat([torch.zeros_like(J[:, :1]), J[:, 1:]], dim=1)
-                w_c = self._scan(coef, vc, reverse=False)
+                # w_s = J_s carry + v_s (carry = 0 in the first chunk): the scan's own first
+                # step, so J is scanned as it lies (a shifted copy of transposed compiled
+                # Jacobians cost 0.8 s at D = 32)
+                x0 = torch.zeros_like(v[:, 0]) if carry is None else carry
+                w_c = self._scan(J, v[:, s:e], x0, reverse=False)
                 w[:, s:e] = w_c
                 carry = w_c[:, -1]
         return w
