@@ -5,7 +5,6 @@ choices switched off.
     python benchmarks/user_cell_ab.py                      # issue 16's four workloads
     python benchmarks/user_cell_ab.py --ab heap            # freed memory kept vs not
     python benchmarks/user_cell_ab.py --ab pass            # with/without solve._graph_pass
-    python benchmarks/user_cell_ab.py --ab tanh            # exp-form tanh vs SLEEF's
     python benchmarks/user_cell_ab.py --workloads 32,16,10000 --repeats 5
 
 Run at two commits to compare them (the numbers in benchmarks/README.md name the commits).
@@ -52,8 +51,7 @@ def _heap_off() -> None:
 def _options_without(option: str):
     def setup() -> None:
         _defaults()
-        jit._options = lambda D, dtype=torch.float32: {
-            k: v for k, v in _OPTIONS(D, dtype).items() if k != option}
+        jit._options = lambda D: {k: v for k, v in _OPTIONS(D).items() if k != option}
         jit.clear()
     return setup
 
@@ -63,8 +61,6 @@ ARMS = {
     "heap": [("heap kept", _defaults), ("not kept", _heap_off)],
     "pass": [("with the pass", _defaults),
              ("without", _options_without("post_grad_custom_pre_pass"))],
-    "tanh": [("exp-form tanh", _defaults),
-             ("SLEEF tanh", _options_without("cpp.use_decompose_tanh"))],
 }
 
 

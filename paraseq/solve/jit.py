@@ -61,7 +61,7 @@ def _fresh(fn: Callable, tag: str) -> Callable:
     return new
 
 
-def _build(fc: FlatCell, kind: str, D: int, dtype: torch.dtype, tag: str) -> Callable:
+def _build(fc: FlatCell, kind: str, D: int, tag: str) -> Callable:
     layout, cell = fc.layout, fc.cell
 
     def row(xr: Tensor, hr: Tensor) -> Tensor:  # (n,), (D,) -> (D,)
@@ -90,29 +90,21 @@ def _build(fc: FlatCell, kind: str, D: int, dtype: torch.dtype, tag: str) -> Cal
             return F, JT, b  # J is JT's transposed view (see ``call``): no copy
 
         fn = linearise
-    return torch.compile(_fresh(fn, tag), dynamic=None, options=_options(D, dtype))
+    return torch.compile(_fresh(fn, tag), dynamic=None, options=_options(D))
 
 
-def _options(D: int, dtype: torch.dtype = torch.float32) -> dict:
-    """Inductor's options for state size D and the cell's dtype:
-
-    - ``_graph_pass.PASS``: products by zero and over one term out of the BLAS;
-    - its CPU kernels vectorise the innermost dim (D here) with the widest registers (16
-      float32 lanes on AVX-512), so at D = 8 half of every vector is masked off: 8-lane vectors
-      fit such D exactly (1.2x faster at D = 8);
-    - below float64, tanh as 2 / (1 + exp(-2 x)) - 1 (inductor's ``use_decompose_tanh``):
-      SLEEF's vector tanh was 15% of a hidden-8 GRU solve, the exp form is 1.2x faster for
-      the whole solve, and its error (an absolute 1e-7 near 0, the rounding of 1 - 1) is
-      under the solve's float32 tolerance and the residual's absolute scale for states of
-      order one; float64 keeps the library tanh."""
+def _options(D: int) -> dict:
+    """Inductor's options for state size D: ``_graph_pass.PASS`` (products by zero and over
+    one term out of the BLAS); and since its CPU kernels vectorise the innermost dim (D here)
+    with the widest registers (16 float32 lanes on AVX-512), at D = 8 half of every vector is
+    masked off: 8-lane vectors fit such D exactly (1.2x faster at D = 8)."""
     from ._graph_pass import PASS
 
-    options = {"post_grad_custom_pre_pass": PASS}
+    options = {"post_grad_custom_pre_pass": PASS}  # no GEMMs by zero or over one term
     if D % 16 and D % 8 == 0:
         options["cpp.simdlen"] = 256
-    if dtype != torch.float64:
-        options["cpp.use_decompose_tanh"] = True
     return options
+
 
 
 def _entry(fc: FlatCell, kind: str, x: Tensor, h: Tensor):
@@ -169,7 +161,7 @@ def call(fc: FlatCell, kind: str, x: Tensor, h: Tensor):
                 per_cell[key] = _FAILED
                 return None
         tag = f"{len(first_call_seconds)}_{kind}"
-        fn = per_cell[key] = _build(fc, kind, h.shape[-1], h.dtype, tag)
+        fn = per_cell[key] = _build(fc, kind, h.shape[-1], tag)
     torch._dynamo.maybe_mark_dynamic(x, 0)
     torch._dynamo.maybe_mark_dynamic(h, 0)
     t0 = time.perf_counter()
