@@ -24,7 +24,7 @@ import torch
 from torch.autograd import gradcheck
 
 try:  # a bare GPU machine (benchmarks/gpu.py runs -m cuda there) may lack hypothesis
-    from hypothesis import given, settings
+    from hypothesis import example, given, settings
     from hypothesis import strategies as st
 except ImportError:
     given = None
@@ -154,6 +154,7 @@ if given is not None:  # the property test needs hypothesis
     @given(cell=st.sampled_from(CELLS), B=st.integers(1, 3), T=st.integers(1, 120),
            H=st.integers(1, 6), double=st.booleans(), fixed=st.sampled_from([None, 1, 3]),
            seed=st.integers(0, 2 ** 16))
+    @example(cell="rnn_relu", B=1, T=111, H=1, double=False, fixed=None, seed=1113)
     def test_twin_property(cell, B, T, H, double, fixed, seed):
         """Any shape and length: the adaptive solve is torch's loop (float64 tight, float32
         loose); a fixed count K reports the residual of the iterate it returns, and after K
@@ -165,7 +166,10 @@ if given is not None:  # the property test needs hypothesis
                                        iterations=fixed)
         if fixed is None:
             assert info.converged or info.fell_back
-            assert err(states, ref) <= (1e-9 if double else 1e-4)
+            # relative to the states' size: a relu RNN can grow to 1e12 over 111 steps, where
+            # float32 holds 7 digits (hypothesis found it: rnn_relu, H 1, T 111, seed 1113)
+            scale = 1 + max(float(r.abs().max()) for r in as_tuple(ref))
+            assert err(states, ref) <= (1e-9 if double else 1e-4) * scale
             return
         assert info.iterations == fixed
         k = min(fixed, T)
